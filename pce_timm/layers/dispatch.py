@@ -1,0 +1,94 @@
+"""Pure routing functions: router logits -> (probabilities, chosen experts, weights) -> expert slots.
+
+Shape legend: t tokens (patches, batch flattened), e experts, k top-k, c capacity (slots per expert),
+a = k * t assignments (choice-major: every token's first choice, then every token's second, ...).
+
+Static shapes throughout: capacities are Python ints computed from sizes, never from tensor values, so the
+sparse path compiles with ``torch.compile(fullgraph=True)`` and exports.
+"""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def route(
+        router_logits: torch.Tensor,
+        top_k: int,
+        gumbel_tau: float = 0.0,
+        training: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn router logits [..., e] into ``(router_probs, expert_indices, routing_weights)``.
+
+    ``router_probs`` [..., e] is the softmax. With ``top_k == e`` (soft routing) every expert is chosen, in
+    index order, with its probability as weight. Otherwise the ``top_k`` most probable experts are chosen and
+    their weights renormalised to sum to 1; the normaliser is detached so that top-1 routing (weight 1)
+    still passes a gradient to the router (the straight-through estimator ``p / stop_grad(p)``).
+
+    With ``gumbel_tau > 0`` while training, choices and weights come from a Gumbel-softmax sample instead.
+    """
+    logits = router_logits.float()
+    router_probs = logits.softmax(dim=-1)
+    num_experts = logits.shape[-1]
+    sample = router_probs
+    if training and gumbel_tau > 0:
+        sample = F.gumbel_softmax(logits, tau=gumbel_tau, hard=False, dim=-1)
+    if top_k >= num_experts:
+        shape = list(logits.shape[:-1]) + [num_experts]
+        expert_indices = torch.arange(num_experts, device=logits.device).expand(shape)
+        return router_probs, expert_indices, sample
+    top_values, expert_indices = sample.topk(top_k, dim=-1)
+    routing_weights = top_values / top_values.sum(dim=-1, keepdim=True).detach()
+    return router_probs, expert_indices, routing_weights
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert: ``ceil(capacity_factor * t * k / e)``, at least 1, at most ``t``."""
+    capacity = int(math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    return max(1, min(num_tokens, capacity))
+
+
+def assign_slots(
+        expert_indices: torch.Tensor,
+        num_experts: int,
+        capacity: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Give every (token, choice) a slot in its expert's buffer of ``capacity`` slots.
+
+    Args:
+        expert_indices: chosen experts [t, k].
+        num_experts: e.
+        capacity: slots per expert (see :func:`expert_capacity`).
+
+    Returns:
+        ``slot_of_assignment`` [k, t]: the slot (``expert * capacity + position``) each choice landed in,
+        ``e * capacity`` if it was dropped; and ``token_of_slot`` [e * capacity]: the token in each slot,
+        ``t`` if the slot is empty.
+
+    First choices claim slots before second choices, and earlier tokens before later ones. A choice that
+    finds its expert full is rerouted to the first free slot of any expert instead of being dropped, so with
+    ``capacity_factor >= 1`` no patch ever loses its output; it is dropped only when every slot is taken.
+    """
+    num_tokens, top_k = expert_indices.shape
+    num_slots = num_experts * capacity
+    device = expert_indices.device
+    chosen = expert_indices.t().reshape(-1)  # [a], choice-major
+    one_hot = F.one_hot(chosen, num_experts)  # [a, e]
+    position = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # rank of each choice within its expert
+    kept = position < capacity
+    filled = one_hot.sum(0).clamp(max=capacity)  # [e]
+
+    slot_ids = torch.arange(num_slots, device=device)
+    free = (slot_ids % capacity) >= filled.repeat_interleave(capacity)
+    free_rank = torch.where(free, free.long().cumsum(0) - 1, torch.full_like(slot_ids, num_slots))
+    free_slot_by_rank = torch.full((num_slots + 1,), num_slots, dtype=torch.long, device=device)
+    free_slot_by_rank = free_slot_by_rank.scatter(0, free_rank, slot_ids)
+    free_slot_by_rank[num_slots] = num_slots  # the dump position for occupied slots above
+    overflow_rank = ((~kept).long().cumsum(0) - 1).clamp(min=0, max=num_slots)
+    slot = torch.where(kept, chosen * capacity + position, free_slot_by_rank[overflow_rank])
+
+    tokens = torch.arange(num_tokens, device=device).repeat(top_k)
+    token_of_slot = torch.full((num_slots + 1,), num_tokens, dtype=torch.long, device=device)
+    token_of_slot = token_of_slot.scatter(0, slot, tokens)[:num_slots]
+    return slot.view(top_k, num_tokens), token_of_slot

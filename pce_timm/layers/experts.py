@@ -1,0 +1,96 @@
+"""E stacked Conv(k x k) - BatchNorm - ReLU experts.
+
+All experts live in one weight [e, o, i, k, k] and one BatchNorm over e * o channels, so expert ``j`` owns
+channels ``j * o .. (j + 1) * o``. Both dispatch paths use the same parameters:
+
+- dense: one conv with e * o output channels over the whole map (every expert on every pixel);
+- windows: one grouped conv (groups = e) over per-expert buffers of halo windows [c, e * i, wh, ww].
+
+Every expert takes part in every forward, so every parameter always has a gradient (DDP needs no
+``find_unused_parameters`` for routing). Shape legend: b batch, e experts, i/o in/out channels, c slots.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvExperts(nn.Module):
+
+    def __init__(
+            self,
+            num_experts: int,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 3,
+            stride: int = 1,
+            eps: float = 1e-5,
+            momentum: float = 0.1,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.in_chs = in_chs
+        self.out_chs = out_chs
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.empty(num_experts, out_chs, in_chs, kernel_size, kernel_size))
+        self.bn = nn.BatchNorm2d(num_experts * out_chs, eps=eps, momentum=momentum)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for expert_weight in self.weight.data:  # each expert initialised like a standalone conv
+            nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on the whole map: [b, i, h, w] -> [b, e * o, ho, wo]."""
+        weight = self.weight.reshape(-1, self.in_chs, self.kernel_size, self.kernel_size)
+        y = F.conv2d(x, weight, stride=self.stride, padding=self.kernel_size // 2)
+        return F.relu(self.bn(y), inplace=True)
+
+    def forward_windows(self, windows: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """Each expert on its own slots of halo windows: [c, e * i, wh, ww] -> [c, e * o, ph, pw].
+
+        Args:
+            windows: expert j's buffer is channels ``j * i .. (j + 1) * i``.
+            valid: which output pixels are real [c, e, ph, pw] (not an empty slot, not the padding past the
+                map's edge), for the batch statistics of BatchNorm; None promises all are, which allows the
+                fused BatchNorm.
+        """
+        weight = self.weight.reshape(-1, self.in_chs, self.kernel_size, self.kernel_size)
+        y = F.conv2d(windows, weight, stride=self.stride, groups=self.num_experts)
+        if valid is None or not self.training:
+            return F.relu(self.bn(y), inplace=True)
+        return F.relu(self._masked_batch_norm(y, valid), inplace=True)
+
+    def _masked_batch_norm(self, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Training-mode BatchNorm whose statistics count only valid output pixels.
+
+        Experts with no valid pixel this step keep their running statistics.
+        """
+        c, e, o = y.shape[0], self.num_experts, self.out_chs
+        mask = valid.to(y.dtype).view(c, e, 1, y.shape[2], y.shape[3])
+        y_masked = (y.view(c, e, o, y.shape[2], y.shape[3]) * mask).view(y.shape)
+        count = mask.sum(dim=(0, 2, 3, 4)).repeat_interleave(o)  # [e * o]
+        denom = count.clamp(min=1)
+        mean = y_masked.sum(dim=(0, 2, 3)) / denom
+        var = ((y_masked * y).sum(dim=(0, 2, 3)) / denom - mean * mean).clamp(min=0)
+        bn = self.bn
+        if bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None:
+            with torch.no_grad():
+                seen = count > 0
+                unbiased = var * count / (count - 1).clamp(min=1)
+                running_mean = (1 - self.momentum) * bn.running_mean + self.momentum * mean.float()
+                running_var = (1 - self.momentum) * bn.running_var + self.momentum * unbiased.float()
+                bn.running_mean.copy_(torch.where(seen, running_mean, bn.running_mean))
+                bn.running_var.copy_(torch.where(seen, running_var, bn.running_var))
+                bn.num_batches_tracked.add_(1)
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        return y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)

@@ -1,0 +1,113 @@
+"""Patch geometry: the patch grid, halo windows for the expert kernel, and coordinate channels.
+
+Everything here is a pure function of static sizes (Python ints), so the index tensors it builds are the
+same on every call with the same shapes and never depend on tensor values.
+
+Shape legend: b batch, c channels, h/w height/width of the map, ph/pw patch size, gh/gw patch grid,
+n = gh * gw patches, wh/ww halo window size.
+"""
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def grid_size(height: int, width: int, patch_size: Tuple[int, int]) -> Tuple[int, int]:
+    """Number of patch rows and columns covering an ``height x width`` map (the last ones may be padded)."""
+    return (height + patch_size[0] - 1) // patch_size[0], (width + patch_size[1] - 1) // patch_size[1]
+
+
+def patchify(x: torch.Tensor, patch_size: Tuple[int, int]) -> torch.Tensor:
+    """Cut ``x`` [b, c, h, w] into patches [b, n, c, ph, pw], zero-padding the bottom/right edge."""
+    b, c, h, w = x.shape
+    gh, gw = grid_size(h, w, patch_size)
+    ph, pw = patch_size
+    x = F.pad(x, (0, gw * pw - w, 0, gh * ph - h))
+    x = x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, gh * gw, c, ph, pw)
+
+
+def unpatchify(patches: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: patches [b, n, c, ph, pw] -> map [b, c, height, width] (padding cropped)."""
+    b, n, c, ph, pw = patches.shape
+    gh, gw = grid_size(height, width, (ph, pw))
+    if gh * gw != n:
+        raise ValueError(f'patches: {n} patches do not tile a {height}x{width} map with patch size {(ph, pw)}')
+    x = patches.reshape(b, gh, gw, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, gh * ph, gw * pw)
+    return x[:, :, :height, :width]
+
+
+def centered_coords(size: int, device: torch.device) -> torch.Tensor:
+    """Coordinates of ``size`` cell centres spread over [-1, 1] (a single cell sits at 0)."""
+    return (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
+
+
+def patch_positions(grid: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(x, y) of each patch centre in the image, in [-1, 1], row-major: [n, 2]."""
+    ys = centered_coords(grid[0], device)
+    xs = centered_coords(grid[1], device)
+    return torch.stack([xs.repeat(grid[0]), ys.repeat_interleave(grid[1])], dim=1)
+
+
+def coord_channels(grid: Tuple[int, int], patch_size: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The 4 CoordConv channels over the padded map [4, gh * ph, gw * pw].
+
+    Channels: pixel x and y inside its patch, then the patch's x and y in the image, each in [-1, 1].
+    """
+    (gh, gw), (ph, pw) = grid, patch_size
+    px = centered_coords(pw, device).repeat(gw).view(1, -1).expand(gh * ph, gw * pw)
+    py = centered_coords(ph, device).repeat(gh).view(-1, 1).expand(gh * ph, gw * pw)
+    gx = centered_coords(gw, device).repeat_interleave(pw).view(1, -1).expand(gh * ph, gw * pw)
+    gy = centered_coords(gh, device).repeat_interleave(ph).view(-1, 1).expand(gh * ph, gw * pw)
+    return torch.stack([px, py, gx, gy], dim=0)
+
+
+def halo(kernel_size: int, stride: int) -> Tuple[int, int]:
+    """Extra input pixels (before, after) a patch needs so a ``kernel_size`` conv with padding k//2 fills it."""
+    before = kernel_size // 2
+    return before, kernel_size - stride - before
+
+
+def window_index(
+        height: int,
+        width: int,
+        patch_size: Tuple[int, int],
+        kernel_size: int,
+        stride: int,
+        device: torch.device,
+) -> torch.Tensor:
+    """Flat pixel index of every halo-window pixel of every patch: [n, wh, ww], ``height * width`` = outside.
+
+    Window ``i`` covers the input pixels that output patch ``i`` of a stride-``stride`` conv reads, so a
+    conv with padding 0 over the window reproduces the same-padded conv over the whole map. Pixels outside
+    the map point at ``height * width``, which callers map to a zero row.
+    """
+    (ph, pw), (gh, gw) = patch_size, grid_size(height, width, patch_size)
+    before, after = halo(kernel_size, stride)
+    wh, ww = ph + before + after, pw + before + after
+    rows = torch.arange(gh, device=device).view(gh, 1) * ph - before + torch.arange(wh, device=device).view(1, wh)
+    cols = torch.arange(gw, device=device).view(gw, 1) * pw - before + torch.arange(ww, device=device).view(1, ww)
+    rows = rows.view(gh, 1, wh, 1)
+    cols = cols.view(1, gw, 1, ww)
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    index = torch.where(inside, rows * width + cols, torch.full_like(rows * cols, height * width))
+    return index.reshape(gh * gw, wh, ww)
+
+
+def pixel_patch_index(
+        height: int,
+        width: int,
+        patch_size: Tuple[int, int],
+        device: torch.device,
+) -> List[torch.Tensor]:
+    """For every pixel of a ``height x width`` map: its patch id and its flat offset inside the patch.
+
+    Returns ``[patch_id, offset]``, each [height, width]; used to scatter per-patch results back to pixels.
+    """
+    _, gw = grid_size(height, width, patch_size)
+    ph, pw = patch_size
+    ys = torch.arange(height, device=device).view(-1, 1)
+    xs = torch.arange(width, device=device).view(1, -1)
+    patch_id = (ys // ph) * gw + xs // pw
+    offset = (ys % ph) * pw + xs % pw
+    return [patch_id, offset]

@@ -1,0 +1,320 @@
+"""PCEConv2d: Positional Convolution Experts as a drop-in replacement for a Conv-BN-ReLU.
+
+The map is cut into patches; each patch is embedded (features + coordinates, spatial pyramid pooling),
+routed by content and position to E experts (Conv-BN-ReLU), and the experts' outputs are summed with the
+router's weights, mixed by a 1x1 conv and optionally passed through deformable attention.
+
+Two dispatch paths give the same answer where they overlap:
+- soft (``top_k=None``): every expert on every pixel, one conv with E x out_chs channels;
+- sparse (``top_k=k``): every patch only to its k experts: halo windows are gathered into per-expert slots,
+  one grouped conv runs all experts, and the results are gathered back to pixels with their weights.
+
+``forward`` returns a Tensor. What routing did is kept on the module (``last_router_logits``,
+``last_expert_indices``, ...) for aux losses (:mod:`.losses`) and statistics (:meth:`routing_stats`).
+
+Shape legend: b batch, c/o in/out channels, h/w input map, ho/wo output map, n patches, e experts,
+k top-k, d embedding dim, t = b * n tokens, s slots per expert (capacity).
+"""
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import to_2tuple
+from timm.models import register_notrace_module
+
+from .attention import DeformableAttention2d
+from .dispatch import assign_slots, expert_capacity, route
+from .embed import PatchEmbedSPP
+from .experts import ConvExperts
+from .patches import grid_size, patch_positions, pixel_patch_index, window_index
+from .routers import ROUTERS, create_router, positional_logits, router_needs_embeddings, uniform_logits
+
+ROUTING_MODES = ('router', 'positional', 'uniform')
+
+
+def _is_exporting() -> bool:
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_exporting()
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'{name} must be an int >= 1, got {value!r}')
+
+
+@register_notrace_module  # routing is data-dependent: torch.fx keeps the layer as one leaf call
+class PCEConv2d(nn.Module):
+    last_router_logits: Optional[torch.Tensor]
+    last_routing_weights: Optional[torch.Tensor]
+    last_expert_indices: Optional[torch.Tensor]
+    last_embeddings: Optional[torch.Tensor]
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 3,
+            stride: int = 1,
+            num_experts: int = 4,
+            patch_size: Union[int, Tuple[int, int]] = 8,
+            top_k: Optional[int] = None,
+            router: str = 'cosine',
+            embed_chs: int = 8,
+            spp_levels: Sequence[int] = (1, 2, 4),
+            router_temperature: float = 0.1,
+            router_noise_std: float = 1.0,
+            router_hidden_dim: int = 64,
+            gumbel_tau: float = 0.0,
+            capacity_factor: float = 1.0,
+            mix_conv: Optional[bool] = None,
+            attention: bool = False,
+            attn_heads: int = 4,
+            track_routing: bool = True,
+    ):
+        """
+        Args:
+            in_chs, out_chs, kernel_size, stride: as for ``nn.Conv2d`` (padding is ``kernel_size // 2``).
+            num_experts: E, the number of Conv-BN-ReLU experts.
+            patch_size: routing unit (int or (h, w)) on the input map; a multiple of ``stride``.
+            top_k: None routes softly over all experts; k sends each patch only to its k best experts.
+            router: one of ``ROUTERS``: 'cosine' (keys), 'mlp', 'positional' (+ noise), 'uniform'.
+            embed_chs: C' of the patch embedding; D = C' x sum(level^2 for level in spp_levels).
+            router_temperature: divides cosine similarities ('cosine' router).
+            router_noise_std: noise on positional logits while training ('positional' router or mode).
+            router_hidden_dim: hidden width of the 'mlp' router.
+            gumbel_tau: > 0 samples routing from a Gumbel-softmax with this temperature while training.
+            capacity_factor: sparse path: slots per expert = ceil(factor * t * k / E); with >= 1 no patch is
+                dropped (overflow is rerouted to free slots); the conv cost scales with the factor.
+            mix_conv: 1x1 conv after the weighted sum; None = on when num_experts > 1.
+            attention: add a deformable-attention residual after mixing (switch with ``set_attention``).
+            attn_heads: heads of the attention module.
+            track_routing: keep routing results on the module after each forward.
+        """
+        super().__init__()
+        for name, value in (('in_chs', in_chs), ('out_chs', out_chs), ('kernel_size', kernel_size),
+                            ('stride', stride), ('num_experts', num_experts), ('embed_chs', embed_chs)):
+            _check_positive_int(name, value)
+        patch_size = to_2tuple(patch_size)
+        for size in patch_size:
+            _check_positive_int('patch_size', size)
+            if size % stride != 0:
+                raise ValueError(f'patch_size {patch_size} must be a multiple of stride={stride}')
+        if kernel_size % 2 == 0:
+            raise ValueError(f'kernel_size must be odd (same padding), got {kernel_size}')
+        if top_k is not None:
+            _check_positive_int('top_k', top_k)
+            if top_k > num_experts:
+                raise ValueError(f'top_k must be None or in 1..num_experts={num_experts}, got {top_k}')
+        if router not in ROUTERS:
+            raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
+        if capacity_factor <= 0:
+            raise ValueError(f'capacity_factor must be > 0, got {capacity_factor}')
+        if gumbel_tau < 0:
+            raise ValueError(f'gumbel_tau must be >= 0 (0 = off), got {gumbel_tau}')
+
+        self.in_chs = in_chs
+        self.out_chs = out_chs
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.num_experts = num_experts
+        self.patch_size: Tuple[int, int] = (int(patch_size[0]), int(patch_size[1]))
+        self.soft = top_k is None
+        self.top_k = num_experts if top_k is None else top_k
+        self.router_name = router
+        self.router_noise_std = router_noise_std
+        self.gumbel_tau = gumbel_tau
+        self.capacity_factor = capacity_factor
+        self.track_routing = track_routing
+        self.routing_mode = 'router'
+
+        self.embed = PatchEmbedSPP(in_chs, embed_chs, spp_levels) if router_needs_embeddings(router) else None
+        embed_dim = self.embed.embed_dim if self.embed is not None else 0
+        self.router = create_router(
+            router, embed_dim, num_experts, temperature=router_temperature, noise_std=router_noise_std,
+            hidden_dim=router_hidden_dim)
+        self.experts = ConvExperts(num_experts, in_chs, out_chs, kernel_size=kernel_size, stride=stride)
+        if mix_conv is None:
+            mix_conv = num_experts > 1
+        self.mix = nn.Conv2d(out_chs, out_chs, 1) if mix_conv else nn.Identity()
+        self.attn = DeformableAttention2d(out_chs, num_heads=attn_heads) if attention else None
+        self.register_buffer('attn_gate', torch.ones(()), persistent=False)
+
+        self.last_router_logits = None
+        self.last_routing_weights = None
+        self.last_expert_indices = None
+        self.last_embeddings = None
+        self.last_grid_size: Tuple[int, int] = (0, 0)
+
+    def set_routing_mode(self, mode: str) -> None:
+        """'router' (the configured router), or override it with 'positional' (+ noise) or 'uniform'.
+
+        The overrides are the stabilisation options of training phase 1; the router's own parameters keep
+        their values and are simply not used while an override is on.
+        """
+        if mode not in ROUTING_MODES:
+            raise ValueError(f'routing mode must be one of {ROUTING_MODES}, got {mode!r}')
+        self.routing_mode = mode
+
+    def set_attention(self, enabled: bool) -> None:
+        """Switch the attention residual on or off (no-op without an attention module)."""
+        self.attn_gate.fill_(1.0 if enabled else 0.0)
+
+    def _router_logits(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b = embeddings.shape[0]
+        if self.routing_mode == 'uniform':
+            return uniform_logits(b, positions.shape[0], self.num_experts, positions.device)
+        if self.routing_mode == 'positional':
+            return positional_logits(positions, b, self.num_experts, self.router_noise_std, self.training)
+        return self.router(embeddings, positions)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f'PCEConv2d expects a 4D input [B, C, H, W], got {x.dim()}D {list(x.shape)}')
+        if x.shape[1] != self.in_chs:
+            raise ValueError(f'PCEConv2d expects in_chs={self.in_chs} input channels, got {x.shape[1]}')
+        b, _, h, w = x.shape
+        grid = grid_size(h, w, self.patch_size)
+        n = grid[0] * grid[1]
+        positions = patch_positions(grid, x.device)
+        if self.embed is not None:
+            embeddings = self.embed(x, self.patch_size)
+        else:
+            embeddings = x.new_zeros(b, n, 0)
+        router_logits = self._router_logits(embeddings, positions)  # [b, n, e]
+        _, expert_indices, routing_weights = route(
+            router_logits.reshape(b * n, self.num_experts), self.top_k, self.gumbel_tau, self.training)
+        if self.soft:
+            out = self._forward_soft(x, routing_weights)
+        else:
+            out = self._forward_sparse(x, expert_indices, routing_weights)
+        if self.track_routing and not _is_exporting():  # an exported graph has no module state
+            self.last_router_logits = router_logits
+            self.last_routing_weights = routing_weights.reshape(b, n, -1)
+            self.last_expert_indices = expert_indices.reshape(b, n, -1)
+            self.last_embeddings = embeddings
+            self.last_grid_size = grid
+        out = self.mix(out)
+        if self.attn is not None:
+            out = out + self.attn_gate * self.attn(out)
+        return out
+
+    def _out_size(self, size: int) -> int:
+        return (size - 1) // self.stride + 1  # same padding: ceil(size / stride)
+
+    def _out_patch_size(self) -> Tuple[int, int]:
+        return self.patch_size[0] // self.stride, self.patch_size[1] // self.stride
+
+    def _forward_soft(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every pixel, summed with each pixel's patch weights: [b, c, h, w] -> [b, o, ho, wo]."""
+        b, e, o = x.shape[0], self.num_experts, self.out_chs
+        y = self.experts.forward_dense(x)  # [b, e * o, ho, wo]
+        ho, wo = y.shape[-2], y.shape[-1]
+        patch_of_pixel = pixel_patch_index(ho, wo, self._out_patch_size(), x.device)[0].reshape(-1)
+        n = routing_weights.shape[0] // b
+        weight_map = routing_weights.to(y.dtype).reshape(b, n, e).index_select(1, patch_of_pixel)  # [b, ho*wo, e]
+        weight_map = weight_map.transpose(1, 2).reshape(b, e, 1, ho, wo)
+        return (y.reshape(b, e, o, ho, wo) * weight_map).sum(1)
+
+    def _gather_windows(self, x: torch.Tensor, token_of_slot: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Halo windows of the patches in each slot: [s, e * c, wh, ww] (channels-last memory, zero if empty)."""
+        b, c, h, w = x.shape
+        e = self.num_experts
+        window = window_index(h, w, self.patch_size, self.kernel_size, self.stride, x.device)  # [n, wh, ww]
+        n, wh, ww = window.shape
+        num_tokens = b * n
+        token = token_of_slot.view(e, capacity).t()  # [s, e]: slot-major, so experts sit side by side
+        filled = token < num_tokens
+        token = token.clamp(max=num_tokens - 1)
+        pixel = window.index_select(0, (token % n).reshape(-1)).view(capacity, e, wh, ww)
+        inside = (pixel < h * w) & filled.view(capacity, e, 1, 1)
+        zero_row = b * h * w
+        row = torch.where(inside, (token // n).view(capacity, e, 1, 1) * (h * w) + pixel, zero_row)
+        rows = x.new_zeros(b * h * w + 1, c)
+        rows[:zero_row].view(b, h, w, c).copy_(x.permute(0, 2, 3, 1))
+        windows = rows.index_select(0, row.permute(0, 2, 3, 1).reshape(-1))  # [s * wh * ww * e, c]
+        return windows.view(capacity, wh, ww, e * c).permute(0, 3, 1, 2)
+
+    def _valid_outputs(
+            self,
+            token_of_slot: torch.Tensor,
+            capacity: int,
+            num_tokens: int,
+            n: int,
+            ho: int,
+            wo: int,
+    ) -> torch.Tensor:
+        """Which output pixels of each slot are real: [s, e, ph, pw] (False for empty slots and padding)."""
+        e, (ph, pw) = self.num_experts, self._out_patch_size()
+        gh, gw = grid_size(ho, wo, (ph, pw))
+        rows = torch.arange(gh, device=token_of_slot.device).view(gh, 1, 1, 1) * ph
+        rows = rows + torch.arange(ph, device=token_of_slot.device).view(1, 1, ph, 1)
+        cols = torch.arange(gw, device=token_of_slot.device).view(1, gw, 1, 1) * pw
+        cols = cols + torch.arange(pw, device=token_of_slot.device).view(1, 1, 1, pw)
+        inside = ((rows < ho) & (cols < wo)).reshape(n, ph, pw)
+        token = token_of_slot.view(e, capacity).t()  # [s, e]
+        filled = token < num_tokens
+        inside = inside.index_select(0, (token % n).reshape(-1)).view(capacity, e, ph, pw)
+        return inside & filled.view(capacity, e, 1, 1)
+
+    def _forward_sparse(
+            self,
+            x: torch.Tensor,
+            expert_indices: torch.Tensor,
+            routing_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Each patch through its k experts only (gather windows -> grouped conv -> weighted gather back)."""
+        b, h, w = x.shape[0], x.shape[2], x.shape[3]
+        e, k, o = self.num_experts, self.top_k, self.out_chs
+        num_tokens = expert_indices.shape[0]
+        n = num_tokens // b
+        capacity = expert_capacity(num_tokens, e, k, self.capacity_factor)
+        slot, token_of_slot = assign_slots(expert_indices, e, capacity)  # [k, t], [e * s]
+        windows = self._gather_windows(x, token_of_slot, capacity)
+        ho, wo = self._out_size(h), self._out_size(w)
+        valid: Optional[torch.Tensor] = None
+        ph, pw = self._out_patch_size()
+        if self.training and (capacity * e != k * num_tokens or ho % ph != 0 or wo % pw != 0):
+            valid = self._valid_outputs(token_of_slot, capacity, num_tokens, n, ho, wo)
+        y = self.experts.forward_windows(windows, valid)  # [s, e * o, ph, pw]
+        y_rows = y.permute(0, 2, 3, 1).reshape(-1, o)  # row ((slot * ph + i) * pw + j) * e + expert
+
+        patch_of_pixel, offset = pixel_patch_index(ho, wo, (ph, pw), x.device)
+        token = (torch.arange(b, device=x.device).view(b, 1, 1) * n + patch_of_pixel).reshape(-1)  # [b*ho*wo]
+        pixel_slot = slot.index_select(1, token)  # [k, b*ho*wo]
+        kept = pixel_slot < e * capacity
+        expert = pixel_slot // capacity
+        row = ((pixel_slot % capacity) * (ph * pw) + offset.reshape(1, -1).repeat(1, b)) * e + expert
+        row = torch.where(kept, row, torch.zeros_like(row))
+        pixel_weight = routing_weights.t().to(y.dtype).index_select(1, token) * kept.to(y.dtype)  # [k, b*ho*wo]
+        gathered = y_rows.index_select(0, row.reshape(-1)).view(k, b * ho * wo, o)
+        out = (gathered * pixel_weight.unsqueeze(-1)).sum(0)
+        return out.view(b, ho, wo, o).permute(0, 3, 1, 2)
+
+    @torch.jit.unused
+    def routing_stats(self) -> Dict[str, object]:
+        """Statistics of the last forward: probabilities, choices, usage, usage entropy and imbalance."""
+        if self.last_router_logits is None or self.last_expert_indices is None:
+            raise RuntimeError('no routing recorded yet: run a forward pass with track_routing=True first')
+        probs = self.last_router_logits.detach().float().softmax(-1)
+        top1 = self.last_expert_indices[..., 0] if not self.soft else probs.argmax(-1)
+        counts = torch.bincount(top1.reshape(-1), minlength=self.num_experts).float()
+        share = counts / counts.sum()
+        usage_entropy = -(share * share.clamp(min=1e-12).log()).sum()
+        max_entropy = torch.log(torch.tensor(float(self.num_experts))) if self.num_experts > 1 else torch.tensor(1.0)
+        return {
+            'router_probs': probs,
+            'expert_indices': self.last_expert_indices.detach(),
+            'grid_size': self.last_grid_size,
+            'usage_counts': counts,
+            'usage_entropy': float(usage_entropy / max_entropy) if self.num_experts > 1 else 1.0,
+            'router_entropy': float(-(probs * probs.clamp(min=1e-12).log()).sum(-1).mean()),
+            'imbalance': float(counts.max() / counts.min()) if counts.min() > 0 else float('inf'),
+            'dead_experts': [i for i, c in enumerate(counts.tolist()) if c == 0],
+        }
+
+    def extra_repr(self) -> str:
+        top_k = 'soft' if self.soft else f'top_k={self.top_k}'
+        return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
+                f'num_experts={self.num_experts}, patch_size={self.patch_size}, {top_k}, router={self.router_name}')
+

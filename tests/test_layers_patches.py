@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from pce_timm.layers.patches import (
+    coord_channels,
+    grid_size,
+    halo,
+    patch_positions,
+    patchify,
+    pixel_patch_index,
+    unpatchify,
+    window_index,
+)
+
+
+@pytest.mark.parametrize('hw,patch', [((16, 16), (8, 8)), ((20, 18), (8, 8)), ((7, 9), (4, 2)), ((5, 5), (8, 8))])
+def test_patchify_round_trip(hw, patch):
+    x = torch.randn(2, 3, *hw)
+    patches = patchify(x, patch)
+    gh, gw = grid_size(*hw, patch)
+    assert patches.shape == (2, gh * gw, 3, *patch)
+    assert torch.equal(unpatchify(patches, *hw), x)
+
+
+def test_patchify_order_is_row_major():
+    x = torch.arange(16.).view(1, 1, 4, 4)
+    patches = patchify(x, (2, 2))
+    assert patches[0, 1, 0].tolist() == [[2., 3.], [6., 7.]]  # second patch = top row, second column
+    assert patches[0, 2, 0].tolist() == [[8., 9.], [12., 13.]]
+
+
+def test_coord_channels_values():
+    coords = coord_channels((2, 3), (2, 2), torch.device('cpu'))
+    assert coords.shape == (4, 4, 6)
+    assert coords.min() >= -1 and coords.max() <= 1
+    # pixel x inside its patch repeats every patch; patch x is constant inside a patch
+    assert coords[0, 0].tolist() == [-0.5, 0.5] * 3
+    assert coords[2, 0].tolist() == pytest.approx([-2 / 3] * 2 + [0.0] * 2 + [2 / 3] * 2)
+    assert coords[3, :, 0].tolist() == [-0.5, -0.5, 0.5, 0.5]
+    positions = patch_positions((2, 3), torch.device('cpu'))
+    assert positions[1].tolist() == pytest.approx([0.0, -0.5])
+
+
+@pytest.mark.parametrize('kernel_size,stride', [(3, 1), (3, 2), (1, 1), (5, 1), (1, 2)])
+def test_window_index_reproduces_same_padded_conv(kernel_size, stride):
+    h, w, patch = 11, 13, (4, 4)
+    x = torch.randn(1, 2, h, w)
+    weight = torch.randn(3, 2, kernel_size, kernel_size)
+    ref = torch.nn.functional.conv2d(x, weight, stride=stride, padding=kernel_size // 2)
+    index = window_index(h, w, patch, kernel_size, stride, torch.device('cpu'))  # [n, wh, ww]
+    rows = torch.cat([x[0].flatten(1), torch.zeros(2, 1)], dim=1)  # zero column for outside pixels
+    windows = rows[:, index].permute(1, 0, 2, 3)  # [n, c, wh, ww]
+    out = torch.nn.functional.conv2d(windows, weight, stride=stride)  # [n, o, ph, pw]
+    out = out.unsqueeze(0)
+    assert halo(kernel_size, stride)[0] == kernel_size // 2
+    assert torch.allclose(unpatchify(out, ref.shape[2], ref.shape[3]), ref, atol=1e-5)
+
+
+def test_pixel_patch_index():
+    patch_id, offset = pixel_patch_index(3, 5, (2, 2), torch.device('cpu'))
+    assert patch_id.tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]]
+    assert offset[1].tolist() == [2, 3, 2, 3, 2]
