@@ -1,0 +1,494 @@
+"""PCE-ResNet: timm's ResNet with Positional Convolution Experts in its last stages.
+
+In a PCE block the block's first 3x3 conv (with the block's stride) is a :class:`~pce_timm.layers.PCEConv2d`:
+``conv1`` of a BasicBlock, ``conv2`` of a Bottleneck. The layer holds a BatchNorm + ReLU per expert, so the
+norm and activation that followed the dense conv (``bn1``/``act1``, ``bn2``/``act2``) are gone. Everything
+else is timm's :class:`~timm.models.resnet.ResNet`: stems, downsampling, stochastic depth, head,
+``forward_intermediates``, pruning, grad checkpointing, features_only.
+
+Defaults of the zoo, and why:
+- ``pce_stages=(2, 3)``: PCE in the last two stages, where patches are few and carry meaning; the early,
+  high-resolution stages stay dense, which is where PCE's gather/scatter overhead would cost the most.
+- ``patch_size=(8, 4, 2, 2)``: one patch size per stage, in pixels of the stage's output map, so that at
+  224 px every PCE stage routes a ~7x7 patch grid (stage 3, 7x7 px, gets a 4x4 grid). The first block of a
+  stage has stride 2 and sees the stage's input map: its layer's patch size is the stage's x 2, so its
+  patches cover the same image regions.
+- ``top_k=1``: sparse top-1 routing, so a PCE conv costs about what the dense conv costs.
+- ``mix_conv=False``: the layer's optional 1x1 mix after the weighted sum of experts is linear, and so is
+  the block's next conv (the 3x3 ``conv2`` of a BasicBlock, the 1x1 ``conv3`` of a Bottleneck): their
+  composition is one conv of the next conv's shape (up to the mix's bias at the zero-padded border), so
+  the mix would add parameters and FLOPs but no expressiveness. The next conv absorbs it.
+
+Dense timm ResNet weights load into a PCE-ResNet by upcycling (:func:`upcycle_dense_state_dict`, applied
+by :func:`checkpoint_filter_fn`): every expert starts as a copy of the dense conv it replaces.
+"""
+import inspect
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._input import update_model_args
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from pce_timm.layers import PCEConv2d
+
+__all__ = ['PCEResNet', 'PCEBasicBlock', 'PCEBottleneck', 'upcycle_dense_state_dict', 'checkpoint_filter_fn']
+
+STEM_TYPES = ('', 'deep', 'deep_tiered', 'cifar')
+
+# Arguments that define a PCE-ResNet's architecture beyond its depth; recorded as the model's model_args
+# (saved with timm's save_for_hf / push_to_hf_hub) so a saved model rebuilds exactly.
+PCE_ARCH_ARGS = (
+    'stem_type', 'num_experts', 'top_k', 'router', 'pce_stages', 'patch_size', 'capacity_factor', 'embed_chs',
+    'attention', 'gumbel_tau', 'mix_conv', 'pce_kwargs',
+)
+
+
+def _create_pce_conv(
+        in_chs: int,
+        out_chs: int,
+        stride: int,
+        patch_size: int,
+        pce_args: Dict[str, Any],
+        device=None,
+        dtype=None,
+) -> PCEConv2d:
+    """A 3x3 PCEConv2d whose patches cover ``patch_size`` output pixels, built on ``device`` in ``dtype``."""
+    with torch.device(device) if device is not None else nullcontext():  # PCEConv2d has no factory kwargs
+        layer = PCEConv2d(in_chs, out_chs, kernel_size=3, stride=stride, patch_size=patch_size * stride, **pce_args)
+    return layer if dtype is None else layer.to(dtype=dtype)
+
+
+def _check_block_args(cardinality: int, base_width: int, dilation: int, first_dilation: Optional[int],
+                      aa_layer: Optional[Type[nn.Module]]) -> None:
+    if cardinality != 1 or base_width != 64:
+        raise ValueError(f'PCE blocks have dense (ungrouped) experts: cardinality must be 1 and base_width 64, '
+                         f'got cardinality={cardinality}, base_width={base_width}')
+    if dilation != 1 or (first_dilation or 1) != 1:
+        raise ValueError(
+            f'PCE blocks do not support dilation, got dilation={dilation}, first_dilation={first_dilation}')
+    if aa_layer is not None:
+        raise ValueError(f'PCE blocks do not support anti-aliasing (the experts hold the stride), got {aa_layer}')
+
+
+class PCEBasicBlock(nn.Module):
+    """timm's BasicBlock whose first 3x3 conv (+ bn1 + act1) is a PCEConv2d.
+
+    Takes timm's BasicBlock arguments (as passed by ``make_blocks``) plus ``patch_size`` (in pixels of the
+    block's output map) and ``pce_args`` (the remaining PCEConv2d arguments). DropBlock, where enabled,
+    acts on the PCE output (after the experts' ReLU, where timm's block applies it before the activation).
+    """
+    expansion = 1
+    pce_name = 'conv1'  # the PCE layer's attribute: the name of the dense conv it replaces
+    dense_norm_name = 'bn1'  # the dense norm now inside the experts
+
+    def __init__(
+            self,
+            inplanes: int,
+            planes: int,
+            stride: int = 1,
+            downsample: Optional[nn.Module] = None,
+            cardinality: int = 1,
+            base_width: int = 64,
+            reduce_first: int = 1,
+            dilation: int = 1,
+            first_dilation: Optional[int] = None,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            aa_layer: Optional[Type[nn.Module]] = None,
+            drop_block: Optional[Callable[[], nn.Module]] = None,
+            drop_path: Optional[nn.Module] = None,
+            patch_size: int = 2,
+            pce_args: Optional[Dict[str, Any]] = None,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        _check_block_args(cardinality, base_width, dilation, first_dilation, aa_layer)
+        first_planes = planes // reduce_first
+        outplanes = planes * self.expansion
+        self.conv1 = _create_pce_conv(inplanes, first_planes, stride, patch_size, pce_args or {}, **dd)
+        self.drop_block = drop_block() if drop_block is not None else nn.Identity()
+        self.conv2 = nn.Conv2d(first_planes, outplanes, kernel_size=3, padding=1, bias=False, **dd)
+        self.bn2 = norm_layer(outplanes, **dd)
+        self.act2 = act_layer(inplace=True)
+        self.downsample = downsample
+        self.drop_path = drop_path
+
+    def zero_init_last(self) -> None:
+        if getattr(self.bn2, 'weight', None) is not None:
+            nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.drop_block(self.conv1(x))
+        x = self.bn2(self.conv2(x))
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act2(x + shortcut)
+
+
+class PCEBottleneck(nn.Module):
+    """timm's Bottleneck whose 3x3 ``conv2`` (+ bn2 + act2) is a PCEConv2d. Arguments as :class:`PCEBasicBlock`."""
+    expansion = 4
+    pce_name = 'conv2'
+    dense_norm_name = 'bn2'
+
+    def __init__(
+            self,
+            inplanes: int,
+            planes: int,
+            stride: int = 1,
+            downsample: Optional[nn.Module] = None,
+            cardinality: int = 1,
+            base_width: int = 64,
+            reduce_first: int = 1,
+            dilation: int = 1,
+            first_dilation: Optional[int] = None,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            aa_layer: Optional[Type[nn.Module]] = None,
+            drop_block: Optional[Callable[[], nn.Module]] = None,
+            drop_path: Optional[nn.Module] = None,
+            patch_size: int = 2,
+            pce_args: Optional[Dict[str, Any]] = None,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        _check_block_args(cardinality, base_width, dilation, first_dilation, aa_layer)
+        width = planes
+        first_planes = width // reduce_first
+        outplanes = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, first_planes, kernel_size=1, bias=False, **dd)
+        self.bn1 = norm_layer(first_planes, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = _create_pce_conv(first_planes, width, stride, patch_size, pce_args or {}, **dd)
+        self.drop_block = drop_block() if drop_block is not None else nn.Identity()
+        self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False, **dd)
+        self.bn3 = norm_layer(outplanes, **dd)
+        self.act3 = act_layer(inplace=True)
+        self.downsample = downsample
+        self.drop_path = drop_path
+
+    def zero_init_last(self) -> None:
+        if getattr(self.bn3, 'weight', None) is not None:
+            nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.drop_block(self.conv2(x))
+        x = self.bn3(self.conv3(x))
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act3(x + shortcut)
+
+
+BLOCKS = {'basic': (BasicBlock, PCEBasicBlock), 'bottleneck': (Bottleneck, PCEBottleneck)}
+PCE_BLOCKS = (PCEBasicBlock, PCEBottleneck)
+
+
+def _stage_block(block: Type[nn.Module], **kwargs: Any) -> Callable[..., nn.Module]:
+    """``block`` with stage-specific arguments bound; keeps ``expansion``, which timm's make_blocks reads."""
+    fn = partial(block, **kwargs)
+    fn.expansion = block.expansion
+    return fn
+
+
+def _per_stage(name: str, value: Union[int, Sequence[int]], num_stages: int) -> Tuple[int, ...]:
+    values = (value,) * num_stages if isinstance(value, int) else tuple(value)
+    if len(values) != num_stages or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ValueError(f'{name} must be an int >= 1 or one per stage ({num_stages} ints), got {value!r}')
+    return values
+
+
+def _check_pce_stages(pce_stages: Sequence[int], num_stages: int) -> Tuple[int, ...]:
+    stages = tuple(pce_stages)
+    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_stages for i in stages):
+        raise ValueError(f'pce_stages must hold stage indices in 0..{num_stages - 1}, got {pce_stages!r}')
+    return tuple(sorted(set(stages)))
+
+
+class PCEResNet(ResNet):
+    """ResNet whose blocks in ``pce_stages`` are PCE blocks (see the module docstring).
+
+    Parameter groups (``group_matcher``) are timm's ResNet ones: a block's router and patch embedding belong
+    to the block's group, so layer-wise schedules and freezing treat a block as a unit. ``no_weight_decay``
+    lists the cosine routers' keys (see there).
+    """
+
+    def __init__(
+            self,
+            layers: Sequence[int] = (2, 2, 2, 2),
+            block: str = 'basic',
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            stem_width: int = 64,
+            stem_type: str = '',
+            channels: Sequence[int] = (64, 128, 256, 512),
+            avg_down: bool = False,
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            drop_block_rate: float = 0.0,
+            zero_init_last: bool = True,
+            num_experts: int = 4,
+            top_k: Optional[int] = 1,
+            router: str = 'cosine',
+            pce_stages: Sequence[int] = (2, 3),
+            patch_size: Union[int, Sequence[int]] = (8, 4, 2, 2),
+            capacity_factor: float = 1.0,
+            embed_chs: int = 8,
+            attention: bool = False,
+            gumbel_tau: float = 0.0,
+            mix_conv: Optional[bool] = False,
+            pce_kwargs: Optional[Dict[str, Any]] = None,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            layers: blocks per stage (4 stages).
+            block: 'basic' (ResNet-18/34) or 'bottleneck' (ResNet-50 and deeper).
+            num_classes, in_chans, global_pool, stem_width, channels, avg_down, drop_rate, drop_path_rate,
+                drop_block_rate, zero_init_last: as timm's ResNet.
+            stem_type: timm's '' (7x7 conv + max-pool), 'deep', 'deep_tiered', or 'cifar': a 3x3 stride-1
+                conv and no max-pool, for 28-32 px inputs (the network's stride drops from 32 to 8).
+            num_experts: experts per PCE layer.
+            top_k: experts per patch; None routes softly over all experts.
+            router: the PCE layers' router ('cosine', 'mlp', 'positional', 'uniform').
+            pce_stages: indices (0-3) of the stages built from PCE blocks.
+            patch_size: routing patch size in pixels of each stage's output map; an int or one per stage.
+            capacity_factor: slots per expert in the sparse path, relative to a perfectly balanced load.
+            embed_chs: channels of the patch embedding the router reads.
+            attention: deformable attention in the PCE layers of the last PCE stage.
+            gumbel_tau: > 0 samples routing from a Gumbel-softmax while training.
+            mix_conv: the PCE layers' 1x1 mix after the experts (None: on when num_experts > 1).
+            pce_kwargs: further PCEConv2d arguments (e.g. router_temperature, spp_levels).
+        """
+        if len(layers) != 4 or len(channels) != 4:
+            raise ValueError(f'layers and channels must have 4 stages, got layers={layers!r}, channels={channels!r}')
+        if block not in BLOCKS:
+            raise ValueError(f'block must be one of {tuple(BLOCKS)}, got {block!r}')
+        if stem_type not in STEM_TYPES:
+            raise ValueError(f'stem_type must be one of {STEM_TYPES}, got {stem_type!r}')
+        pce_stages = _check_pce_stages(pce_stages, len(layers))
+        patch_sizes = _per_stage('patch_size', patch_size, len(layers))
+        pce_kwargs = dict(pce_kwargs or {})
+        named = {'num_experts', 'top_k', 'router', 'embed_chs', 'capacity_factor', 'gumbel_tau', 'mix_conv',
+                 'attention', 'patch_size', 'in_chs', 'out_chs', 'kernel_size', 'stride'}
+        repeated = sorted(named & set(pce_kwargs))
+        if repeated:
+            raise ValueError(f'pce_kwargs must not repeat arguments PCEResNet sets, got {repeated}')
+
+        pce_args = dict(num_experts=num_experts, top_k=top_k, router=router, embed_chs=embed_chs,
+                        capacity_factor=capacity_factor, gumbel_tau=gumbel_tau, mix_conv=mix_conv, **pce_kwargs)
+        dense_block, pce_block = BLOCKS[block]
+        block_fns = tuple(
+            _stage_block(pce_block, patch_size=patch_sizes[i],
+                         pce_args=dict(pce_args, attention=attention and i == pce_stages[-1]))
+            if i in pce_stages else dense_block
+            for i in range(len(layers)))
+        super().__init__(
+            block=block_fns, layers=tuple(layers), num_classes=num_classes, in_chans=in_chans,
+            global_pool=global_pool, stem_width=stem_width, stem_type='' if stem_type == 'cifar' else stem_type,
+            channels=tuple(channels), avg_down=avg_down, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            drop_block_rate=drop_block_rate, zero_init_last=zero_init_last, device=device, dtype=dtype)
+        self.pce_stages = pce_stages
+        if stem_type == 'cifar':
+            self._use_cifar_stem(in_chans, device=device, dtype=dtype)
+
+    def _use_cifar_stem(self, in_chans: int, device=None, dtype=None) -> None:
+        """Replace timm's 7x7 stride-2 stem and its max-pool by a 3x3 stride-1 conv (reductions / 4)."""
+        self.conv1 = nn.Conv2d(in_chans, self.bn1.num_features, 3, padding=1, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')
+        self.maxpool = nn.Identity()
+        self.feature_info = [dict(info, reduction=max(1, info['reduction'] // 4)) for info in self.feature_info]
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        """timm's ResNet init for the dense convs; each expert is initialised like the dense conv it replaces.
+
+        The PCE layers' other modules (patch embedding, router, mix conv, attention) keep the layer's own
+        initialisation; e.g. the attention residual must start at zero.
+        """
+        pce_owned = set()
+        for module in self.modules():
+            if isinstance(module, PCEConv2d):
+                pce_owned.update(id(m) for m in module.modules())
+                for expert_weight in module.experts.weight:
+                    nn.init.kaiming_normal_(expert_weight, mode='fan_out', nonlinearity='relu')
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d) and id(module) not in pce_owned:
+                nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+        if zero_init_last:
+            for module in self.modules():
+                if hasattr(module, 'zero_init_last'):
+                    module.zero_init_last()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """The cosine routers' keys.
+
+        Only a key's direction matters (the router normalises it), so weight decay cannot regularise it; it
+        would only shrink its norm, which raises its effective learning rate step after step.
+        """
+        return {name for name, _ in self.named_parameters() if name.endswith('.router.keys')}
+
+
+def upcycle_dense_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        noise_std: float = 0.0,
+        seed: int = 0,
+) -> Dict[str, torch.Tensor]:
+    """Convert a dense timm ResNet state dict for ``model``, a PCE-ResNet of the same widths ("upcycling").
+
+    For every PCE block, the dense 3x3 conv weight [o, i, 3, 3] is copied into each of the E experts
+    ([E, o, i, 3, 3]) and the dense BatchNorm that followed it is tiled E times into the experts' BatchNorm.
+    Parameters the dense network has no counterpart for (patch embedding, router, mix conv, attention) are
+    taken from ``model`` as it is. Every other entry passes through unchanged.
+
+    With identical experts and no mix conv the PCE-ResNet computes exactly what the dense one does, whatever
+    the routing. ``noise_std > 0`` breaks the symmetry: experts 1..E-1 get Gaussian noise of ``noise_std``
+    times the dense weight's standard deviation (expert 0 stays exact), drawn from a generator seeded with
+    ``seed``, so the result is deterministic.
+    """
+    if noise_std < 0:
+        raise ValueError(f'noise_std must be >= 0, got {noise_std}')
+    generator = torch.Generator().manual_seed(seed)
+    model_state = model.state_dict()
+    out, consumed = {}, set()
+    for block_name, block in model.named_modules():
+        if not isinstance(block, PCE_BLOCKS):
+            continue
+        layer: PCEConv2d = getattr(block, block.pce_name)
+        prefix = f'{block_name}.{block.pce_name}'
+        dense_weight_key = f'{prefix}.weight'
+        if dense_weight_key not in state_dict:
+            raise KeyError(f'upcycling: the dense state dict has no {dense_weight_key!r} for the PCE layer {prefix!r}')
+        dense_weight = state_dict[dense_weight_key]
+        expected = tuple(layer.experts.weight.shape[1:])
+        if tuple(dense_weight.shape) != expected:
+            raise ValueError(f'upcycling: {dense_weight_key} has shape {tuple(dense_weight.shape)}, '
+                             f'the experts of {prefix!r} need {expected}')
+        num_experts = layer.num_experts
+        experts = dense_weight.unsqueeze(0).repeat(num_experts, 1, 1, 1, 1)
+        if noise_std > 0 and num_experts > 1:
+            noise = torch.randn(experts[1:].shape, generator=generator, dtype=torch.float32)
+            experts[1:] += (noise * noise_std * dense_weight.float().std()).to(experts.dtype)
+        out[f'{prefix}.experts.weight'] = experts
+        consumed.add(dense_weight_key)
+        norm_prefix = f'{block_name}.{block.dense_norm_name}.'
+        for key, value in state_dict.items():
+            if key.startswith(norm_prefix):
+                name = key[len(norm_prefix):]
+                out[f'{prefix}.experts.bn.{name}'] = value if value.dim() == 0 else value.repeat(num_experts)
+                consumed.add(key)
+        for key, value in model_state.items():
+            if key.startswith(prefix + '.') and key not in out:
+                out[key] = value  # PCE-only parameters: the model's own initialisation
+    out.update({key: value for key, value in state_dict.items() if key not in consumed})
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Load a PCE-ResNet checkpoint as is, or upcycle a dense timm ResNet one (e.g. ``resnet18``)."""
+    state_dict = state_dict.get('state_dict', state_dict)
+    state_dict = state_dict.get('model', state_dict)
+    is_dense = any(
+        f'{name}.{block.pce_name}.weight' in state_dict
+        for name, block in model.named_modules() if isinstance(block, PCE_BLOCKS))
+    return upcycle_dense_state_dict(state_dict, model) if is_dense else state_dict
+
+
+def pce_arch_args(**kwargs: Any) -> Dict[str, Any]:
+    """The :data:`PCE_ARCH_ARGS` of a PCE-ResNet built with ``kwargs`` (PCEResNet's defaults for the others)."""
+    params = inspect.signature(PCEResNet.__init__).parameters
+    return {name: kwargs.get(name, params[name].default) for name in PCE_ARCH_ARGS}
+
+
+def _create_pce_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> PCEResNet:
+    model = build_model_with_cfg(
+        PCEResNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter'),  # forward_intermediates: features come from the model's own code
+        **kwargs,
+    )
+    update_model_args(model, **pce_arch_args(**kwargs))
+    return model
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+# No weights are published yet: entries with weights get hf_hub_id=hub_id('<arch>.<tag>') (see ._hub).
+default_cfgs = generate_default_cfgs({
+    'pce_resnet18.untrained': _cfg(),
+    'pce_resnet34.untrained': _cfg(),
+    'pce_resnet50.untrained': _cfg(),
+    'pce_resnet18_e8.untrained': _cfg(),
+    'pce_resnet34_e8.untrained': _cfg(),
+    'pce_resnet50_e8.untrained': _cfg(),
+})
+
+
+@register_model
+def pce_resnet18(pretrained: bool = False, **kwargs: Any) -> PCEResNet:
+    """PCE-ResNet-18: BasicBlocks (2, 2, 2, 2), 4 experts top-1 in the last two stages."""
+    model_args = dict(layers=(2, 2, 2, 2), block='basic', num_experts=4)
+    return _create_pce_resnet('pce_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pce_resnet34(pretrained: bool = False, **kwargs: Any) -> PCEResNet:
+    """PCE-ResNet-34: BasicBlocks (3, 4, 6, 3), 4 experts top-1 in the last two stages."""
+    model_args = dict(layers=(3, 4, 6, 3), block='basic', num_experts=4)
+    return _create_pce_resnet('pce_resnet34', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pce_resnet50(pretrained: bool = False, **kwargs: Any) -> PCEResNet:
+    """PCE-ResNet-50: Bottlenecks (3, 4, 6, 3), 4 experts top-1 in the last two stages."""
+    model_args = dict(layers=(3, 4, 6, 3), block='bottleneck', num_experts=4)
+    return _create_pce_resnet('pce_resnet50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pce_resnet18_e8(pretrained: bool = False, **kwargs: Any) -> PCEResNet:
+    """PCE-ResNet-18 with 8 experts per PCE layer."""
+    model_args = dict(layers=(2, 2, 2, 2), block='basic', num_experts=8)
+    return _create_pce_resnet('pce_resnet18_e8', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pce_resnet34_e8(pretrained: bool = False, **kwargs: Any) -> PCEResNet:
+    """PCE-ResNet-34 with 8 experts per PCE layer."""
+    model_args = dict(layers=(3, 4, 6, 3), block='basic', num_experts=8)
+    return _create_pce_resnet('pce_resnet34_e8', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pce_resnet50_e8(pretrained: bool = False, **kwargs: Any) -> PCEResNet:
+    """PCE-ResNet-50 with 8 experts per PCE layer."""
+    model_args = dict(layers=(3, 4, 6, 3), block='bottleneck', num_experts=8)
+    return _create_pce_resnet('pce_resnet50_e8', pretrained, **dict(model_args, **kwargs))
