@@ -9,6 +9,22 @@ from pce_timm.layers.losses import AuxLossWeights
 from pce_timm.layers.patches import grid_size, window_index
 
 
+def _assert_same_gradients(a: nn.Module, b: nn.Module, x: torch.Tensor, grad_a, grad_b) -> None:
+    """Input and weight gradients of two modules that compute the same function.
+
+    ``grad_a(module)`` / ``grad_b(module)`` read the weight gradient to compare after the backward.
+    """
+    results = []
+    for module, weight_grad in ((a, grad_a), (b, grad_b)):
+        module.zero_grad()
+        xg = x.clone().requires_grad_()
+        out = module(xg)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        results.append((xg.grad, weight_grad(module)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=1e-4)
+
+
 def _dense_twin(layer: PCEConv2d) -> nn.Sequential:
     """A plain Conv-BN-ReLU holding expert 0's weights."""
     conv = nn.Conv2d(layer.in_chs, layer.out_chs, layer.kernel_size, layer.stride, layer.kernel_size // 2, bias=False)
@@ -32,6 +48,7 @@ def test_one_expert_equals_conv_bn_relu(top_k, stride, hw):
         layer.train(training)
         dense.train(training)
         torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
+    _assert_same_gradients(layer, dense, x, lambda m: m.experts.weight.grad[0], lambda m: m[0].weight.grad)
     torch.testing.assert_close(layer.experts.bn.running_var, dense[1].running_var)
     torch.testing.assert_close(layer.experts.bn.running_mean, dense[1].running_mean)
 
@@ -49,6 +66,7 @@ def test_sparse_top_all_equals_soft(hw, stride):
         sparse.train(training)
         torch.testing.assert_close(sparse(x), soft(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sparse.experts.bn.running_var, soft.experts.bn.running_var)
+    _assert_same_gradients(sparse, soft, x, lambda m: m.experts.weight.grad, lambda m: m.experts.weight.grad)
 
 
 def _reference_loop(layer: PCEConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -105,9 +123,21 @@ def test_vectorised_dispatch_equals_reference_loop(top_k, training, stride, hw):
         layer.experts.bn.running_mean.uniform_(-0.2, 0.2)
         layer.experts.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 4, *hw)
-    out = layer(x)
     with torch.no_grad():
-        torch.testing.assert_close(out, _reference_loop(layer, x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer(x), _reference_loop(layer, x), atol=1e-4, rtol=1e-4)
+    # gradients: with positional routing the weights do not depend on x, so the reference sees all paths
+    layer.set_routing_mode('positional')
+    x = x.requires_grad_()
+    torch.manual_seed(2)  # the positional noise (training) must give the same routes in both calls
+    out = layer(x)
+    x_ref = x.detach().clone().requires_grad_()
+    reference = _reference_loop(layer, x_ref)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    probe = torch.randn_like(out)
+    grad_x, grad_w = torch.autograd.grad((out * probe).sum(), (x, layer.experts.weight))
+    ref_x, ref_w = torch.autograd.grad((reference * probe).sum(), (x_ref, layer.experts.weight))
+    torch.testing.assert_close(grad_x, ref_x, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad_w, ref_w, atol=1e-4, rtol=1e-4)
 
 
 def test_overflow_is_rerouted_not_dropped():

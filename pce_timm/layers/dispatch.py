@@ -63,8 +63,8 @@ def assign_slots(
 
     Returns:
         ``slot_of_assignment`` [k, t]: the slot (``expert * capacity + position``) each choice landed in,
-        ``e * capacity`` if it was dropped; and ``token_of_slot`` [e * capacity]: the token in each slot,
-        ``t`` if the slot is empty.
+        ``e * capacity`` if it was dropped; and ``assignment_of_slot`` [e * capacity]: the assignment
+        (``choice * t + token``) in each slot, ``k * t`` if the slot is empty.
 
     First choices claim slots before second choices, and earlier tokens before later ones. A choice that
     finds its expert full is rerouted to the first free slot of any expert instead of being dropped, so with
@@ -88,7 +88,7 @@ def assign_slots(
     overflow_rank = ((~kept).long().cumsum(0) - 1).clamp(min=0, max=num_slots)
     slot = torch.where(kept, chosen * capacity + position, free_slot_by_rank[overflow_rank])
 
-    tokens = torch.arange(num_tokens, device=device).repeat(top_k)
-    token_of_slot = torch.full((num_slots + 1,), num_tokens, dtype=torch.long, device=device)
-    token_of_slot = token_of_slot.scatter(0, slot, tokens)[:num_slots]
-    return slot.view(top_k, num_tokens), token_of_slot
+    assignments = torch.arange(top_k * num_tokens, device=device)
+    assignment_of_slot = torch.full((num_slots + 1,), top_k * num_tokens, dtype=torch.long, device=device)
+    assignment_of_slot = assignment_of_slot.scatter(0, slot, assignments)[:num_slots]
+    return slot.view(top_k, num_tokens), assignment_of_slot

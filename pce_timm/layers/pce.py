@@ -26,7 +26,8 @@ from .attention import DeformableAttention2d
 from .dispatch import assign_slots, expert_capacity, route
 from .embed import PatchEmbedSPP
 from .experts import ConvExperts
-from .patches import grid_size, patch_positions, pixel_patch_index, window_index
+from .gather import gather_rows, gather_windows
+from .patches import grid_size, halo, patch_positions, pixel_patch_index, window_index
 from .routers import ROUTERS, create_router, positional_logits, router_needs_embeddings, uniform_logits
 
 ROUTING_MODES = ('router', 'positional', 'uniform')
@@ -216,46 +217,69 @@ class PCEConv2d(nn.Module):
         weight_map = weight_map.transpose(1, 2).reshape(b, e, 1, ho, wo)
         return (y.reshape(b, e, o, ho, wo) * weight_map).sum(1)
 
-    def _gather_windows(self, x: torch.Tensor, token_of_slot: torch.Tensor, capacity: int) -> torch.Tensor:
-        """Halo windows of the patches in each slot: [s, e * c, wh, ww] (channels-last memory, zero if empty)."""
-        b, c, h, w = x.shape
-        e = self.num_experts
+    def _window_pixels(self, x: torch.Tensor, token_of_slot: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The flat input pixel read by every slot's halo window: [s, wh, ww, e] (``b * h * w`` = zero)."""
+        b, _, h, w = x.shape
         window = window_index(h, w, self.patch_size, self.kernel_size, self.stride, x.device)  # [n, wh, ww]
-        n, wh, ww = window.shape
-        num_tokens = b * n
-        token = token_of_slot.view(e, capacity).t()  # [s, e]: slot-major, so experts sit side by side
-        filled = token < num_tokens
-        token = token.clamp(max=num_tokens - 1)
-        pixel = window.index_select(0, (token % n).reshape(-1)).view(capacity, e, wh, ww)
-        inside = (pixel < h * w) & filled.view(capacity, e, 1, 1)
-        zero_row = b * h * w
-        row = torch.where(inside, (token // n).view(capacity, e, 1, 1) * (h * w) + pixel, zero_row)
-        rows = x.new_zeros(b * h * w + 1, c)
-        rows[:zero_row].view(b, h, w, c).copy_(x.permute(0, 2, 3, 1))
-        windows = rows.index_select(0, row.permute(0, 2, 3, 1).reshape(-1))  # [s * wh * ww * e, c]
-        return windows.view(capacity, wh, ww, e * c).permute(0, 3, 1, 2)
+        n = window.shape[0]
+        filled = token_of_slot < num_tokens  # [s, e]
+        token = token_of_slot.clamp(max=num_tokens - 1)
+        pixel = window[token % n]  # [s, e, wh, ww]
+        inside = (pixel < h * w) & filled.unsqueeze(-1).unsqueeze(-1)
+        pixel = torch.where(inside, (token // n).unsqueeze(-1).unsqueeze(-1) * (h * w) + pixel, b * h * w)
+        return pixel.permute(0, 2, 3, 1)
 
-    def _valid_outputs(
+    def _valid_outputs(self, token_of_slot: torch.Tensor, num_tokens: int, n: int, ho: int, wo: int) -> torch.Tensor:
+        """Which output pixels of each slot are real: [s, e, ph, pw] (False for empty slots and padding)."""
+        ph, pw = self._out_patch_size()
+        patch_of_pixel = pixel_patch_index(ho, wo, (ph, pw), token_of_slot.device)[0]
+        gh, gw = grid_size(ho, wo, (ph, pw))
+        inside = torch.zeros(gh * ph, gw * pw, dtype=torch.bool, device=token_of_slot.device)
+        inside[:ho, :wo] = patch_of_pixel >= 0
+        inside = inside.view(gh, ph, gw, pw).permute(0, 2, 1, 3).reshape(n, ph, pw)
+        filled = token_of_slot < num_tokens  # [s, e]
+        return inside[token_of_slot % n] & filled.unsqueeze(-1).unsqueeze(-1)
+
+    def _output_rows(
             self,
-            token_of_slot: torch.Tensor,
+            slot_of_assignment: torch.Tensor,
+            assignment_of_slot: torch.Tensor,
+            pixel_token: torch.Tensor,
             capacity: int,
-            num_tokens: int,
-            n: int,
+            b: int,
             ho: int,
             wo: int,
-    ) -> torch.Tensor:
-        """Which output pixels of each slot are real: [s, e, ph, pw] (False for empty slots and padding)."""
-        e, (ph, pw) = self.num_experts, self._out_patch_size()
-        gh, gw = grid_size(ho, wo, (ph, pw))
-        rows = torch.arange(gh, device=token_of_slot.device).view(gh, 1, 1, 1) * ph
-        rows = rows + torch.arange(ph, device=token_of_slot.device).view(1, 1, ph, 1)
-        cols = torch.arange(gw, device=token_of_slot.device).view(1, gw, 1, 1) * pw
-        cols = cols + torch.arange(pw, device=token_of_slot.device).view(1, 1, 1, pw)
-        inside = ((rows < ho) & (cols < wo)).reshape(n, ph, pw)
-        token = token_of_slot.view(e, capacity).t()  # [s, e]
-        filled = token < num_tokens
-        inside = inside.index_select(0, (token % n).reshape(-1)).view(capacity, e, ph, pw)
-        return inside & filled.view(capacity, e, 1, 1)
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Index maps between expert-output rows and (choice, output pixel) rows.
+
+        Expert outputs [s, e * o, ph, pw] (channels-last) are rows ``((slot * ph + i) * pw + j) * e + expert``
+        of ``o`` values. Returns ``index`` [k, b * ho * wo]: the row each output pixel reads for each choice
+        (0 where the choice was dropped; its weight is zeroed), and ``inverse`` [s * ph * pw * e]: the
+        (choice, pixel) row that reads each expert-output row, ``k * b * ho * wo`` for none.
+        ``pixel_token`` [b * ho * wo] is the token of every output pixel.
+        """
+        e, k = self.num_experts, slot_of_assignment.shape[0]
+        ph, pw = self._out_patch_size()
+        device = slot_of_assignment.device
+        num_tokens = slot_of_assignment.shape[1]
+        n = num_tokens // b
+        gw = (wo + pw - 1) // pw
+        offset = pixel_patch_index(ho, wo, (ph, pw), device)[1]
+        pixel_slot = slot_of_assignment[:, pixel_token]  # [k, b*ho*wo]
+        row = ((pixel_slot % capacity) * (ph * pw) + offset.reshape(1, -1).repeat(1, b)) * e + pixel_slot // capacity
+        index = torch.where(pixel_slot < e * capacity, row, torch.zeros_like(row))
+
+        num_pixels = b * ho * wo
+        assignment = assignment_of_slot.view(e, capacity).t().reshape(capacity, 1, 1, e)  # [s, 1, 1, e]
+        filled = assignment < k * num_tokens
+        token_of_row = assignment % num_tokens
+        patch = token_of_row % n
+        y = (patch // gw) * ph + torch.arange(ph, device=device).view(1, ph, 1, 1)
+        x = (patch % gw) * pw + torch.arange(pw, device=device).view(1, 1, pw, 1)
+        pixel = (token_of_row // n) * (ho * wo) + y * wo + x
+        inverse = (assignment // num_tokens) * num_pixels + pixel
+        inverse = torch.where(filled & (y < ho) & (x < wo), inverse, k * num_pixels)
+        return index, inverse.reshape(-1)
 
     def _forward_sparse(
             self,
@@ -269,26 +293,29 @@ class PCEConv2d(nn.Module):
         num_tokens = expert_indices.shape[0]
         n = num_tokens // b
         capacity = expert_capacity(num_tokens, e, k, self.capacity_factor)
-        slot, token_of_slot = assign_slots(expert_indices, e, capacity)  # [k, t], [e * s]
-        windows = self._gather_windows(x, token_of_slot, capacity)
-        ho, wo = self._out_size(h), self._out_size(w)
-        valid: Optional[torch.Tensor] = None
-        ph, pw = self._out_patch_size()
-        if self.training and (capacity * e != k * num_tokens or ho % ph != 0 or wo % pw != 0):
-            valid = self._valid_outputs(token_of_slot, capacity, num_tokens, n, ho, wo)
-        y = self.experts.forward_windows(windows, valid)  # [s, e * o, ph, pw]
-        y_rows = y.permute(0, 2, 3, 1).reshape(-1, o)  # row ((slot * ph + i) * pw + j) * e + expert
+        slot_of_assignment, assignment_of_slot = assign_slots(expert_indices, e, capacity)  # [k, t], [e * s]
+        token_of_slot = torch.where(  # [s, e]
+            assignment_of_slot < k * num_tokens, assignment_of_slot % num_tokens, num_tokens).view(e, capacity).t()
 
-        patch_of_pixel, offset = pixel_patch_index(ho, wo, (ph, pw), x.device)
-        token = (torch.arange(b, device=x.device).view(b, 1, 1) * n + patch_of_pixel).reshape(-1)  # [b*ho*wo]
-        pixel_slot = slot.index_select(1, token)  # [k, b*ho*wo]
-        kept = pixel_slot < e * capacity
-        expert = pixel_slot // capacity
-        row = ((pixel_slot % capacity) * (ph * pw) + offset.reshape(1, -1).repeat(1, b)) * e + expert
-        row = torch.where(kept, row, torch.zeros_like(row))
-        pixel_weight = routing_weights.t().to(y.dtype).index_select(1, token) * kept.to(y.dtype)  # [k, b*ho*wo]
-        gathered = y_rows.index_select(0, row.reshape(-1)).view(k, b * ho * wo, o)
-        out = (gathered * pixel_weight.unsqueeze(-1)).sum(0)
+        before, after = halo(self.kernel_size, self.stride)
+        geometry = [capacity, e, self.patch_size[0], self.patch_size[1], before, after]
+        pixels = self._window_pixels(x, token_of_slot, num_tokens)
+        windows = gather_windows(x, pixels, slot_of_assignment, geometry)  # [s, e * c, wh, ww]
+        ho, wo = self._out_size(h), self._out_size(w)
+        ph, pw = self._out_patch_size()
+        valid: Optional[torch.Tensor] = None
+        if self.training and (capacity * e != k * num_tokens or ho % ph != 0 or wo % pw != 0):
+            valid = self._valid_outputs(token_of_slot, num_tokens, n, ho, wo)
+        y = self.experts.forward_windows(windows, valid)  # [s, e * o, ph, pw]
+
+        patch_of_pixel = pixel_patch_index(ho, wo, (ph, pw), x.device)[0]
+        pixel_token = (torch.arange(b, device=x.device).view(b, 1, 1) * n + patch_of_pixel).reshape(-1)
+        index, inverse = self._output_rows(slot_of_assignment, assignment_of_slot, pixel_token, capacity, b, ho, wo)
+        gathered = gather_rows(y.permute(0, 2, 3, 1).reshape(-1, o), index.reshape(-1), inverse)
+        pixel_weight = routing_weights.t().to(y.dtype)[:, pixel_token]  # [k, b*ho*wo]
+        if capacity * e < k * num_tokens:  # some choices may have been dropped: they add nothing
+            pixel_weight = pixel_weight * (slot_of_assignment[:, pixel_token] < e * capacity).to(y.dtype)
+        out = (gathered.view(k, b * ho * wo, o) * pixel_weight.unsqueeze(-1)).sum(0)
         return out.view(b, ho, wo, o).permute(0, 3, 1, 2)
 
     @torch.jit.unused
