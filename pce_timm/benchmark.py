@@ -1,0 +1,146 @@
+"""Side-by-side CPU timing of PCE layers and models against their dense baselines.
+
+Cases are timed interleaved (one run of each case per round, many rounds), so load that comes and goes on
+the machine hits every case alike and the ratios stay meaningful; each number is the median over rounds.
+"""
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .layers import PCEConv2d
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    info: Dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Timing:
+    name: str
+    info: Dict[str, object]
+    forward_ms: float
+    train_ms: float
+    forward_ratio: float = 1.0
+    train_ratio: float = 1.0
+
+
+def _median(values: List[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def _run_forward(module: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        module(x)
+
+
+def _run_train(module: nn.Module, x: torch.Tensor) -> None:
+    module.zero_grad(set_to_none=True)
+    out = module(x)
+    out.float().pow(2).mean().backward()
+
+
+def time_cases(
+        cases: List[Case],
+        make_input: Callable[[], torch.Tensor],
+        rounds: int = 10,
+        warmup: int = 2,
+        desc: str = 'timing',
+) -> List[Timing]:
+    """Median forward (eval, no grad) and forward+backward (train) time of each case, interleaved.
+
+    The first case is the baseline every ratio refers to.
+    """
+    modules = [case.build() for case in cases]
+    x = make_input()
+    x_grad = x.clone().requires_grad_()
+    samples = {case.name: ([], []) for case in cases}
+    for step in tqdm(range(warmup + rounds), desc=desc, leave=False):
+        for case, module in zip(cases, modules, strict=True):
+            module.eval()
+            t0 = time.perf_counter()
+            _run_forward(module, x)
+            t1 = time.perf_counter()
+            module.train()
+            _run_train(module, x_grad)
+            t2 = time.perf_counter()
+            if step >= warmup:
+                samples[case.name][0].append((t1 - t0) * 1e3)
+                samples[case.name][1].append((t2 - t1) * 1e3)
+    timings = [Timing(case.name, case.info, _median(samples[case.name][0]), _median(samples[case.name][1]))
+               for case in cases]
+    base = timings[0]
+    for timing in timings:
+        timing.forward_ratio = timing.forward_ms / base.forward_ms
+        timing.train_ratio = timing.train_ms / base.train_ms
+    return timings
+
+
+def dense_conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_chs),
+        nn.ReLU(inplace=True),
+    )
+
+
+def layer_cases(
+        channels: int = 64,
+        patch_size: int = 8,
+        kernel_size: int = 3,
+        experts: tuple = (4, 8),
+        mix_conv_variants: tuple = (True, False),
+) -> List[Case]:
+    """Dense Conv-BN-ReLU first, then PCEConv2d soft / top-1 / top-2 for each expert count."""
+    cases = [Case('dense', lambda: dense_conv_bn_relu(channels, channels, kernel_size), {'E': 1, 'routing': 'dense'})]
+    for num_experts in experts:
+        for top_k in (None, 1, 2):
+            for mix_conv in mix_conv_variants:
+                routing = 'soft' if top_k is None else f'top-{top_k}'
+                name = f'pce E={num_experts} {routing}' + ('' if mix_conv else ' no-mix')
+                info = {'E': num_experts, 'routing': routing, 'mix_conv': mix_conv}
+
+                def build(e=num_experts, k=top_k, mix=mix_conv) -> nn.Module:
+                    return PCEConv2d(channels, channels, kernel_size, num_experts=e, patch_size=patch_size,
+                                     top_k=k, mix_conv=mix)
+                cases.append(Case(name, build, info))
+    return cases
+
+
+def layer_goals(timings: List[Timing]) -> List[Dict[str, object]]:
+    """The issue's layer goals, checked on measured ratios. Missing cases are reported, not passed."""
+    by_name = {t.name: t for t in timings}
+    goals = []
+
+    def check(label: str, name: str, value_fn: Callable[[Timing], float], limit: float, target: Optional[float]):
+        timing = by_name.get(name)
+        value = value_fn(timing) if timing else float('nan')
+        goals.append({'goal': label, 'case': name, 'value': round(value, 3), 'limit': limit, 'target': target,
+                      'ok': bool(timing) and value <= limit})
+
+    for suffix in ('', ' no-mix'):
+        check('top-1 E=8 fwd+bwd / dense', f'pce E=8 top-1{suffix}', lambda t: t.train_ratio, 1.25, 1.15)
+        check('soft E=8 fwd+bwd / (8 x dense)', f'pce E=8 soft{suffix}', lambda t: t.train_ratio / 8, 1.1, None)
+    return goals
+
+
+def format_table(timings: List[Timing], columns: List[str]) -> str:
+    """Markdown table of timings; ``columns`` picks keys of ``Timing.info`` to show after the name."""
+    header = ['case'] + columns + ['fwd ms', 'fwd x', 'fwd+bwd ms', 'fwd+bwd x']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for t in timings:
+        cells = [t.name] + [str(t.info.get(c, '')) for c in columns]
+        cells += [f'{t.forward_ms:.1f}', f'{t.forward_ratio:.2f}', f'{t.train_ms:.1f}', f'{t.train_ratio:.2f}']
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def timings_to_dict(timings: List[Timing]) -> List[Dict[str, object]]:
+    return [asdict(t) for t in timings]

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Benchmark PCE layers (and models) against dense baselines, side by side in one process.
+
+    python scripts/benchmark.py                      # layer table at B=32, C=64, 32x32, patch 8, k=3
+    python scripts/benchmark.py --rounds 20 --json bench.json
+    python scripts/benchmark.py --section models     # PCE models next to timm's dense models
+
+Ratios are measured in this run (interleaved rounds, medians), never compared across runs.
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+from pce_timm.benchmark import format_table, layer_cases, layer_goals, time_cases, timings_to_dict
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--section', choices=('layers', 'models', 'all'), default='layers')
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--channels', type=int, default=64)
+    parser.add_argument('--size', type=int, default=32, help='layer input height = width')
+    parser.add_argument('--patch-size', type=int, default=8)
+    parser.add_argument('--kernel-size', type=int, default=3)
+    parser.add_argument('--rounds', type=int, default=10, help='timed rounds per case (median is reported)')
+    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
+    parser.add_argument('--json', metavar='PATH', help='also write the results as JSON')
+    return parser.parse_args(argv)
+
+
+def run_layers(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    cases = layer_cases(args.channels, args.patch_size, args.kernel_size)
+    shape = (args.batch_size, args.channels, args.size, args.size)
+    timings = time_cases(cases, lambda: torch.randn(shape), rounds=args.rounds, desc='layers')
+    goals = layer_goals(timings)
+    print(f'\nLayers: input {list(shape)}, patch {args.patch_size}, kernel {args.kernel_size}, '
+          f'{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds\n')
+    print(format_table(timings, ['E', 'routing', 'mix_conv']))
+    print()
+    for goal in goals:
+        status = 'OK ' if goal['ok'] else 'MISS'
+        target = f", goal {goal['target']}" if goal['target'] else ''
+        print(f"[{status}] {goal['goal']}: {goal['value']} (limit {goal['limit']}{target}) [{goal['case']}]")
+    return {'input_shape': list(shape), 'timings': timings_to_dict(timings), 'goals': goals}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {'torch': torch.__version__, 'threads': torch.get_num_threads()}
+    if args.section in ('layers', 'all'):
+        results['layers'] = run_layers(args)
+    if args.section in ('models', 'all'):
+        from pce_timm.benchmark_models import run_models  # the model zoo is imported only when asked for
+        results['models'] = run_models(args)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+        print(f'\nwrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
