@@ -266,6 +266,37 @@ def test_failing_hub_load_falls_back(monkeypatch, fake_system_dir, caplog):
     assert 'simulated: connection refused' in caplog.text
 
 
+def test_online_loads_from_hub_with_split_and_columns(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, split))
+        images = [Image.fromarray(im) for im in random_images(2, size=64, chans=3)]
+        return datasets.Dataset.from_dict({'image': images, 'label': [199, 0]})
+
+    monkeypatch.setattr(load_module, 'is_offline', lambda: False)
+    monkeypatch.setattr(load_module, 'hub_reachable', lambda: True)
+    monkeypatch.setattr(datasets, 'load_dataset', fake_load_dataset)
+    test = load_image_dataset('tiny-imagenet', 'test')
+    assert calls == [('zh-plus/tiny-imagenet', 'valid')]
+    assert test['label'][:] == [199, 0] and test.features['label'].num_classes == 200
+
+
+def test_hub_probe_does_not_hang(monkeypatch):
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, 'ENDPOINT', 'http://127.0.0.1:9')  # nothing listens there
+    load_module.hub_reachable.cache_clear()
+    try:
+        start = time.monotonic()
+        assert load_module.hub_reachable(timeout=2.0) is False
+        assert time.monotonic() - start < 5
+    finally:
+        load_module.hub_reachable.cache_clear()
+
+
 def test_hub_cache_comes_before_system_dir(tmp_path, offline, fake_system_dir):
     snapshot = tmp_path / 'hub_cache' / 'datasets--zalando-datasets--fashion_mnist' / 'snapshots' / 'abc123'
     arrays_to_dataset(random_images(2, size=28), np.array([7, 8]), registry.FASHION_MNIST_CLASSES).to_parquet(
@@ -332,16 +363,18 @@ def test_black_patches():
 
 
 @pytest.mark.parametrize('make, name, bad', [
-    (lambda: ChannelBoost(p=1.5), 'p', '1.5'),
-    (lambda: ChannelBoost(p=-0.1), 'p', '-0.1'),
-    (lambda: ChannelBoost(factor=(0.5, 2.0)), 'factor', '(0.5, 2.0)'),
-    (lambda: ChannelBoost(factor=(2.0, 1.5)), 'factor', '(2.0, 1.5)'),
-    (lambda: ChannelBoost(factor=2.0), 'factor', '2.0'),
-    (lambda: BlackPatches(num_patches=(0, 2)), 'num_patches', '(0, 2)'),
-    (lambda: BlackPatches(num_patches=(1.5, 2)), 'num_patches', '(1.5, 2)'),
-    (lambda: BlackPatches(patch_size=(0.2, 1.5)), 'patch_size', '(0.2, 1.5)'),
-    (lambda: BlackPatches(patch_size=(0.0, 0.3)), 'patch_size', '(0.0, 0.3)'),
+    (lambda: ChannelBoost(p=1.5), 'ChannelBoost p', '1.5'),
+    (lambda: ChannelBoost(p=-0.1), 'ChannelBoost p', '-0.1'),
+    (lambda: ChannelBoost(factor=(0.5, 2.0)), 'ChannelBoost factor', '(0.5, 2.0)'),
+    (lambda: ChannelBoost(factor=(2.0, 1.5)), 'ChannelBoost factor', '(2.0, 1.5)'),
+    (lambda: ChannelBoost(factor=2.0), 'ChannelBoost factor', '2.0'),
+    (lambda: BlackPatches(num_patches=(0, 2)), 'BlackPatches num_patches', '(0, 2)'),
+    (lambda: BlackPatches(num_patches=(1.5, 2)), 'BlackPatches num_patches', '(1.5, 2)'),
+    (lambda: BlackPatches(patch_size=(0.2, 1.5)), 'BlackPatches patch_size', '(0.2, 1.5)'),
+    (lambda: BlackPatches(patch_size=(0.0, 0.3)), 'BlackPatches patch_size', '(0.0, 0.3)'),
     (lambda: create_dataset_transform(dataset_info('digits'), True, black_patches_prob=2), 'black_patches_prob', '2'),
+    (lambda: create_dataset_transform(dataset_info('digits'), False, channel_boost_prob=0.5,
+                                      channel_boost_factor=(3, 2)), 'ChannelBoost factor', '(3, 2)'),
 ])
 def test_argument_validation(make, name, bad):
     with pytest.raises(ValueError) as err:
@@ -349,7 +382,7 @@ def test_argument_validation(make, name, bad):
     assert str(err.value).startswith(name) and bad in str(err.value)
 
 
-def test_augment_rejects_non_chw():
+def test_augment_rejects_non_chw():  # e.g. placed after batching or before ToTensor
     with pytest.raises(ValueError, match=r'\[C, H, W\]'):
         BlackPatches(p=1.0)(torch.rand(2, 3, 8, 8))
 

@@ -44,8 +44,8 @@ class ChannelBoost:
     """
 
     def __init__(self, p: float = 0.5, factor: tuple[float, float] = (1.2, 2.0)):
-        self.p = check_prob('p', p)
-        self.factor = _check_range('factor', factor, 1.0, math.inf)
+        self.p = check_prob(f'{type(self).__name__} p', p)
+        self.factor = _check_range(f'{type(self).__name__} factor', factor, 1.0, math.inf)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         """Boost `img` `[C, H, W]` (values in [0, 1]); returns a new tensor or `img` itself when not applied."""
@@ -79,11 +79,11 @@ class BlackPatches:
             num_patches: tuple[int, int] = (1, 4),
             patch_size: tuple[float, float] = (0.1, 0.3),
     ):
-        self.p = check_prob('p', p)
-        self.num_patches = _check_range('num_patches', num_patches, 1, math.inf, integer=True)
-        self.patch_size = _check_range('patch_size', patch_size, 0.0, 1.0)
+        self.p = check_prob(f'{type(self).__name__} p', p)
+        self.num_patches = _check_range(f'{type(self).__name__} num_patches', num_patches, 1, math.inf, integer=True)
+        self.patch_size = _check_range(f'{type(self).__name__} patch_size', patch_size, 0.0, 1.0)
         if self.patch_size[0] <= 0:
-            raise ValueError(f'patch_size must be > 0, got {patch_size!r}.')
+            raise ValueError(f'{type(self).__name__} patch_size must be in (0, 1], got {patch_size!r}.')
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         """Black out patches of `img` `[C, H, W]`; returns a new tensor or `img` itself when not applied."""

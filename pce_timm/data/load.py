@@ -94,7 +94,7 @@ def load_image_dataset(
     dataset = _load_from_hub(spec, split, cache_dir, tried)
     if dataset is not None:
         return dataset
-    for where, loader in _offline_candidates(spec, split, cache_dir, tried):
+    for where, loader in _local_candidates(spec, split, cache_dir, tried):
         if loader is not None:
             _logger.info('Loading %s (%s) from %s', spec.name, split, where)
             return normalize_dataset(_run(loader, spec, where), spec, where)
@@ -148,9 +148,9 @@ def hub_cache_snapshots(hub_id: str) -> list[Path]:
     return sorted(snapshots, key=lambda p: p.stat().st_mtime, reverse=True) or [repo / 'snapshots']
 
 
-def _offline_candidates(spec: DatasetSpec, split: str, cache_dir: str | None, tried: list[str]):
+def _local_candidates(spec: DatasetSpec, split: str, cache_dir: str | None, tried: list[str]):
     """Yield `(where, loader or None)` for steps 4-5 of the search order, recording each in `tried`."""
-    for snapshot in hub_cache_snapshots(spec.hub_id):
+    for snapshot in hub_cache_snapshots(spec.hub_id) if spec.hub_id else []:
         where = f'Hugging Face Hub cache {snapshot}'
         try:
             loader = find_hub_layout(snapshot, split, spec.hub_config, cache_dir) if snapshot.is_dir() else None

@@ -110,18 +110,17 @@ def create_dataset_transform(
     for key in ('use_prefetcher', 'separate', 'naflex'):
         if timm_kwargs.get(key):
             raise ValueError(f'{key}=True is not supported here; call timm.data.create_transform directly.')
+    check_prob('channel_boost_prob', channel_boost_prob)
+    check_prob('black_patches_prob', black_patches_prob)
+    augs = [  # built even for eval so that bad arguments fail early
+        ChannelBoost(channel_boost_prob, channel_boost_factor),
+        BlackPatches(black_patches_prob, black_patches_num, black_patches_size),
+    ]
     overrides = {k: timm_kwargs.pop(k) for k in DATA_CONFIG_KEYS if k in timm_kwargs}
     config = _resolve_config(model_or_cfg, in_chans, overrides)
     timm_transform = create_transform(**config, is_training=is_training, **timm_kwargs)
     steps = [ConvertImageMode(_MODES[config['input_size'][0]]), *timm_transform.transforms]
-    check_prob('channel_boost_prob', channel_boost_prob)
-    check_prob('black_patches_prob', black_patches_prob)
     if is_training:
-        augs = []
-        if channel_boost_prob > 0:
-            augs.append(ChannelBoost(channel_boost_prob, channel_boost_factor))
-        if black_patches_prob > 0:
-            augs.append(BlackPatches(black_patches_prob, black_patches_num, black_patches_size))
         at = next((i for i, t in enumerate(steps) if isinstance(t, transforms.Normalize)), len(steps))
-        steps[at:at] = augs
+        steps[at:at] = [aug for aug in augs if aug.p > 0]
     return transforms.Compose(steps)
