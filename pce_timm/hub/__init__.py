@@ -1,0 +1,32 @@
+"""Hugging Face Hub releases for timm models (pce_* and any other).
+
+Flow: ``write_release`` (config.json + model.safetensors + README.md, atomic and deterministic) ->
+``push_release`` (network) or ``install_into_hf_cache`` (no network) -> ``timm.create_model('hf-hub:org/name',
+pretrained=True)``. ``load_pretrained_or_explain`` turns a missing-weights failure into a message that says
+which repo, where it looked and how to get the weights. The CLI is ``scripts/push_to_hub.py``.
+"""
+from .cache import file_etag, git_blob_sha1, hf_cache_dir, install_into_hf_cache, release_commit_hash
+from .offline import MissingWeightsError, explain_missing_weights, load_pretrained_or_explain, weights_repo_for
+from .push import PushResult, push_release
+from .release import (
+    CARD_NAME,
+    CONFIG_NAME,
+    RESULTS_NAME,
+    WEIGHTS_NAME,
+    ReleaseError,
+    ReleaseSource,
+    check_safetensors,
+    find_release_source,
+    load_model_from_source,
+    release_files,
+    state_dict_to_safetensors,
+    write_release,
+)
+
+__all__ = [
+    'CARD_NAME', 'CONFIG_NAME', 'RESULTS_NAME', 'WEIGHTS_NAME', 'MissingWeightsError', 'PushResult',
+    'ReleaseError', 'ReleaseSource', 'check_safetensors', 'explain_missing_weights', 'file_etag',
+    'find_release_source', 'git_blob_sha1', 'hf_cache_dir', 'install_into_hf_cache', 'load_model_from_source',
+    'load_pretrained_or_explain', 'push_release', 'release_commit_hash', 'release_files',
+    'state_dict_to_safetensors', 'weights_repo_for', 'write_release',
+]
