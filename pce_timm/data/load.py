@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -148,7 +148,9 @@ def hub_cache_snapshots(hub_id: str) -> list[Path]:
     return sorted(snapshots, key=lambda p: p.stat().st_mtime, reverse=True) or [repo / 'snapshots']
 
 
-def _local_candidates(spec: DatasetSpec, split: str, cache_dir: str | None, tried: list[str]):
+def _local_candidates(
+        spec: DatasetSpec, split: str, cache_dir: str | None, tried: list[str],
+) -> Iterator[tuple[str, Loader | None]]:
     """Yield `(where, loader or None)` for steps 4-5 of the search order, recording each in `tried`."""
     for snapshot in hub_cache_snapshots(spec.hub_id) if spec.hub_id else []:
         where = f'Hugging Face Hub cache {snapshot}'
