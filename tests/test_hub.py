@@ -305,6 +305,7 @@ def test_real_push_without_token_is_refused(hf_home, run_dir, capsys):
     assert 'no Hugging Face token' in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~5 s of CPU
 def test_cli_error_has_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / 'scripts' / 'push_to_hub.py'), str(tmp_path / 'nope'), '--repo-id', 'a/b',

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -87,8 +86,9 @@ def write_release(
     """Write ``model`` as a Hub release folder: config.json, model.safetensors, README.md and extras.
 
     The folder is assembled in a temporary sibling of ``out_dir`` and renamed into place, so a failure never
-    leaves a half-written folder where a good one was (the previous folder is kept until the new one is
-    complete). Bytes are deterministic: the same model, card and extras give identical files, so pushing
+    leaves a half-written folder where a good one was: the previous folder is moved aside only once the new one
+    is complete, and removed after the new one is in place (a crash between those two renames leaves it as
+    ``.<name>.old-*``). Bytes are deterministic: the same model, card and extras give identical files, so pushing
     the result again is a no-op on the Hub.
 
     Args:
@@ -113,7 +113,8 @@ def write_release(
             f'{type(model).__name__} has no pretrained_cfg, so timm cannot describe it in config.json. '
             f'Build it with timm.create_model(...) before writing a release.')
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.tmp-', dir=out_dir.parent))
+    tmp_dir = out_dir.with_name(f'.{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}')
+    tmp_dir.mkdir()  # plain mkdir, unlike mkdtemp, keeps the umask's permissions for the final folder
     try:
         _write_config(model, tmp_dir / CONFIG_NAME, model_config, model_args, data_config)
         _write_bytes(tmp_dir / WEIGHTS_NAME, state_dict_to_safetensors(model.state_dict()))
