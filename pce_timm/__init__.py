@@ -4,5 +4,7 @@ Importing the package registers every ``pce_*`` model with timm.
 """
 __version__ = '0.1.0'
 
-from . import layers  # noqa: F401
-from . import models  # noqa: F401
+from . import (
+    layers,  # noqa: F401
+    models,  # noqa: F401
+)

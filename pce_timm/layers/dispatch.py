@@ -21,10 +21,11 @@ def route(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Turn router logits [..., e] into ``(router_probs, expert_indices, routing_weights)``.
 
-    ``router_probs`` [..., e] is the softmax. With ``top_k == e`` (soft routing) every expert is chosen, in
-    index order, with its probability as weight. Otherwise the ``top_k`` most probable experts are chosen and
-    their weights renormalised to sum to 1; the normaliser is detached so that top-1 routing (weight 1)
-    still passes a gradient to the router (the straight-through estimator ``p / stop_grad(p)``).
+    ``router_probs`` [..., e] is the softmax. Chosen experts are listed most probable first, so
+    ``expert_indices[..., 0]`` is always the top-1 choice. With ``top_k == e`` (soft routing) every expert is
+    chosen with its probability as weight. Otherwise the ``top_k`` most probable experts are chosen and their
+    weights renormalised to sum to 1; the normaliser is detached so that top-1 routing (weight 1) still
+    passes a gradient to the router (the straight-through estimator ``p / stop_grad(p)``).
 
     With ``gumbel_tau > 0`` while training, choices and weights come from a Gumbel-softmax sample instead.
     """
@@ -34,11 +35,9 @@ def route(
     sample = router_probs
     if training and gumbel_tau > 0:
         sample = F.gumbel_softmax(logits, tau=gumbel_tau, hard=False, dim=-1)
+    top_values, expert_indices = sample.topk(min(top_k, num_experts), dim=-1)
     if top_k >= num_experts:
-        shape = list(logits.shape[:-1]) + [num_experts]
-        expert_indices = torch.arange(num_experts, device=logits.device).expand(shape)
-        return router_probs, expert_indices, sample
-    top_values, expert_indices = sample.topk(top_k, dim=-1)
+        return router_probs, expert_indices, top_values
     routing_weights = top_values / top_values.sum(dim=-1, keepdim=True).detach()
     return router_probs, expert_indices, routing_weights
 

@@ -24,8 +24,8 @@ def load_balance_loss(router_logits: torch.Tensor, expert_indices: torch.Tensor)
     """Switch Transformer balance loss ``e * sum_j f_j * P_j``.
 
     ``f_j`` is the share of patches whose first choice is expert j (no gradient), ``P_j`` the mean router
-    probability of expert j (carries the gradient). Uses ``expert_indices[..., 0]``: pass the top-1 choice
-    (for soft routing, the argmax).
+    probability of expert j (carries the gradient). ``expert_indices`` [..., k] list the chosen experts most
+    probable first (as :func:`.dispatch.route` returns them); only the first choice counts.
     """
     num_experts = router_logits.shape[-1]
     probs = router_logits.float().softmax(-1).reshape(-1, num_experts)
@@ -48,13 +48,6 @@ class AuxLossWeights:
     z_loss: float = 0.0
 
 
-def _first_choices(module: nn.Module) -> torch.Tensor:
-    """Top-1 experts of the module's last forward [b, n, 1] (argmax for soft routing)."""
-    if module.soft:
-        return module.last_router_logits.argmax(-1, keepdim=True)
-    return module.last_expert_indices[..., :1]
-
-
 def collect_aux_loss(
         model: nn.Module,
         weights: AuxLossWeights = AuxLossWeights(),
@@ -71,7 +64,7 @@ def collect_aux_loss(
         if isinstance(module, PCEConv2d) and module.last_router_logits is not None:
             logits = module.last_router_logits
             entropy.append(router_entropy_loss(logits))
-            balance.append(load_balance_loss(logits, _first_choices(module)))
+            balance.append(load_balance_loss(logits, module.last_expert_indices))
             z_loss.append(router_z_loss(logits))
             count += 1
     device = next(model.parameters()).device

@@ -29,6 +29,7 @@ from .experts import ConvExperts
 from .gather import gather_rows, gather_windows
 from .patches import grid_size, halo, patch_positions, pixel_patch_index, window_index
 from .routers import ROUTERS, create_router, positional_logits, router_needs_embeddings, uniform_logits
+from .routing_stats import dead_experts, imbalance, mean_router_entropy, usage_counts, usage_entropy
 
 ROUTING_MODES = ('router', 'positional', 'uniform')
 
@@ -186,7 +187,7 @@ class PCEConv2d(nn.Module):
         _, expert_indices, routing_weights = route(
             router_logits.reshape(b * n, self.num_experts), self.top_k, self.gumbel_tau, self.training)
         if self.soft:
-            out = self._forward_soft(x, routing_weights)
+            out = self._forward_soft(x, expert_indices, routing_weights)
         else:
             out = self._forward_sparse(x, expert_indices, routing_weights)
         if self.track_routing and not _is_exporting():  # an exported graph has no module state
@@ -206,9 +207,15 @@ class PCEConv2d(nn.Module):
     def _out_patch_size(self) -> Tuple[int, int]:
         return self.patch_size[0] // self.stride, self.patch_size[1] // self.stride
 
-    def _forward_soft(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+    def _forward_soft(
+            self,
+            x: torch.Tensor,
+            expert_indices: torch.Tensor,
+            routing_weights: torch.Tensor,
+    ) -> torch.Tensor:
         """Every expert on every pixel, summed with each pixel's patch weights: [b, c, h, w] -> [b, o, ho, wo]."""
         b, e, o = x.shape[0], self.num_experts, self.out_chs
+        routing_weights = torch.zeros_like(routing_weights).scatter(1, expert_indices, routing_weights)  # by id
         y = self.experts.forward_dense(x)  # [b, e * o, ho, wo]
         ho, wo = y.shape[-2], y.shape[-1]
         patch_of_pixel = pixel_patch_index(ho, wo, self._out_patch_size(), x.device)[0].reshape(-1)
@@ -315,29 +322,34 @@ class PCEConv2d(nn.Module):
         pixel_weight = routing_weights.t().to(y.dtype)[:, pixel_token]  # [k, b*ho*wo]
         if capacity * e < k * num_tokens:  # some choices may have been dropped: they add nothing
             pixel_weight = pixel_weight * (slot_of_assignment[:, pixel_token] < e * capacity).to(y.dtype)
-        out = (gathered.view(k, b * ho * wo, o) * pixel_weight.unsqueeze(-1)).sum(0)
+        gathered = gathered.view(k, b * ho * wo, o)
+        if k == 1:  # static: skip the reduction copy
+            out = gathered[0] * pixel_weight[0].unsqueeze(-1)
+        else:
+            out = (gathered * pixel_weight.unsqueeze(-1)).sum(0)
         return out.view(b, ho, wo, o).permute(0, 3, 1, 2)
 
     @torch.jit.unused
     def routing_stats(self) -> Dict[str, object]:
-        """Statistics of the last forward: probabilities, choices, usage, usage entropy and imbalance."""
+        """What routing did in the last forward: probabilities, choices, usage and balance.
+
+        Returns ``router_probs`` [b, n, e], ``expert_indices`` [b, n, k] (most probable first), ``grid_size``,
+        ``usage_counts`` [e] (top-1 choices), ``usage_entropy`` (normalised: 1 = balanced), ``router_entropy``
+        (mean per-patch, nats), ``imbalance`` (busiest / least used; inf if one is unused), ``dead_experts``.
+        """
         if self.last_router_logits is None or self.last_expert_indices is None:
             raise RuntimeError('no routing recorded yet: run a forward pass with track_routing=True first')
         probs = self.last_router_logits.detach().float().softmax(-1)
-        top1 = self.last_expert_indices[..., 0] if not self.soft else probs.argmax(-1)
-        counts = torch.bincount(top1.reshape(-1), minlength=self.num_experts).float()
-        share = counts / counts.sum()
-        usage_entropy = -(share * share.clamp(min=1e-12).log()).sum()
-        max_entropy = torch.log(torch.tensor(float(self.num_experts))) if self.num_experts > 1 else torch.tensor(1.0)
+        counts = usage_counts(self.last_expert_indices, self.num_experts)
         return {
             'router_probs': probs,
             'expert_indices': self.last_expert_indices.detach(),
             'grid_size': self.last_grid_size,
             'usage_counts': counts,
-            'usage_entropy': float(usage_entropy / max_entropy) if self.num_experts > 1 else 1.0,
-            'router_entropy': float(-(probs * probs.clamp(min=1e-12).log()).sum(-1).mean()),
-            'imbalance': float(counts.max() / counts.min()) if counts.min() > 0 else float('inf'),
-            'dead_experts': [i for i, c in enumerate(counts.tolist()) if c == 0],
+            'usage_entropy': usage_entropy(counts),
+            'router_entropy': mean_router_entropy(probs),
+            'imbalance': imbalance(counts),
+            'dead_experts': dead_experts(counts),
         }
 
     def extra_repr(self) -> str:

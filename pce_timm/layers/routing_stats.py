@@ -1,0 +1,110 @@
+"""Routing statistics primitives shared by the layer (``PCEConv2d.routing_stats``) and the analysis.
+
+Shape legend: b images, n patches, e experts, k top-k. ``expert_indices`` list each patch's chosen experts
+most probable first (for soft routing too), so ``expert_indices[..., 0]`` is the top-1 choice.
+"""
+import math
+from typing import List
+
+import torch
+
+
+def _check_experts(num_experts: int) -> None:
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        raise ValueError(f'num_experts must be an int >= 1, got {num_experts!r}')
+
+
+def _check_indices(expert_indices: torch.Tensor, num_experts: int) -> None:
+    if expert_indices.dim() != 3:
+        raise ValueError(f'expert_indices must be [b, n, k], got shape {tuple(expert_indices.shape)}')
+    if expert_indices.numel() and (expert_indices.min() < 0 or expert_indices.max() >= num_experts):
+        raise ValueError(
+            f'expert_indices must lie in [0, {num_experts}), got values in '
+            f'[{int(expert_indices.min())}, {int(expert_indices.max())}]')
+
+
+def _check_threshold(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f'{name} must be a fraction in [0, 1], got {value!r}')
+
+
+def _check_counts(counts: torch.Tensor) -> torch.Tensor:
+    counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
+    if counts.numel() == 0 or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(f'counts must be non-negative with a positive sum, got {counts.tolist()}')
+    return counts
+
+
+def top1_experts(expert_indices: torch.Tensor) -> torch.Tensor:
+    """The most probable chosen expert of every patch: [b, n, k] -> [b, n]."""
+    return expert_indices[..., 0]
+
+
+def order_by_probability(router_probs: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
+    """Reorder each patch's chosen experts [b, n, k] by router probability, most probable first.
+
+    A stable sort: input already in contract order comes back unchanged, ties included.
+    """
+    chosen_probs = router_probs.gather(-1, expert_indices)
+    order = chosen_probs.sort(dim=-1, descending=True, stable=True).indices
+    return expert_indices.gather(-1, order)
+
+
+def usage_counts(expert_indices: torch.Tensor, num_experts: int, all_choices: bool = False) -> torch.Tensor:
+    """How often each expert was chosen: [b, n, k] -> int64 [e].
+
+    Args:
+        expert_indices: chosen experts [b, n, k], most probable first.
+        num_experts: e.
+        all_choices: count all k choices of every patch instead of only the top-1 choice.
+    """
+    _check_experts(num_experts)
+    _check_indices(expert_indices, num_experts)
+    chosen = expert_indices if all_choices else top1_experts(expert_indices)
+    return torch.bincount(chosen.reshape(-1).long().cpu(), minlength=num_experts)
+
+
+def usage_entropy(counts: torch.Tensor) -> float:
+    """Entropy of the usage distribution divided by log(e), in [0, 1]: 1 = perfectly balanced, 0 = one expert.
+
+    With a single expert the usage is trivially balanced and the result is 1.0.
+    """
+    counts = _check_counts(counts)
+    if counts.numel() == 1:
+        return 1.0
+    share = counts / counts.sum()
+    return float(torch.special.entr(share).sum() / math.log(counts.numel()))
+
+
+def mean_router_entropy(router_probs: torch.Tensor, normalize: bool = False) -> float:
+    """Mean over patches of the router distribution's entropy (natural log), from [b, n, e] (or [..., e]).
+
+    0 = every patch is routed with certainty; log(e) (or 1 with ``normalize``) = uniform router. With
+    ``normalize`` and a single expert (log(1) = 0) the router has no choice to be uncertain about: 0.0.
+    """
+    if router_probs.dim() < 1 or router_probs.numel() == 0:
+        raise ValueError(f'router_probs must be a non-empty [..., e] tensor, got shape {tuple(router_probs.shape)}')
+    num_experts = router_probs.shape[-1]
+    entropy = float(torch.special.entr(router_probs.double()).sum(-1).mean())
+    if not normalize:
+        return entropy
+    return entropy / math.log(num_experts) if num_experts > 1 else 0.0
+
+
+def imbalance(counts: torch.Tensor) -> float:
+    """Busiest expert's count over the least used one's: 1 = balanced.
+
+    Returns ``float('inf')`` when some expert is never used (its count is 0); such experts are also what
+    :func:`dead_experts` lists with the default threshold. Stored as ``null`` in ``stats.json``.
+    """
+    counts = _check_counts(counts)
+    least = counts.min()
+    return float(counts.max() / least) if least > 0 else float('inf')
+
+
+def dead_experts(counts: torch.Tensor, threshold: float = 0.0) -> List[int]:
+    """Experts whose share of the assignments is at or below ``threshold`` (0.0: never used)."""
+    _check_threshold('threshold', threshold)
+    counts = _check_counts(counts)
+    share = counts / counts.sum()
+    return [int(i) for i in torch.nonzero(share <= threshold).flatten()]
