@@ -1,0 +1,164 @@
+"""Checkpoint helpers: the trainer state accelerate saves with each checkpoint, resume lookup, final export.
+
+A run folder looks like::
+
+    <output_dir>/
+      config.yaml          resolved config (a recipe: --config reads it back; --resume reads it too)
+      checkpoints/checkpoint_<i>/   accelerate save_state: model, optimizer, RNG states, trainer state
+      model/               config.json + model.safetensors (timm Hub format): timm.create_model('local-dir:...')
+      results.json         final metrics, routing statistics, history, wall time, config
+      logs/                metrics.csv (+ TensorBoard events)
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ['TrainerState', 'NonFiniteLossError', 'latest_checkpoint', 'resolve_resume', 'save_model_dir',
+           'write_json_atomic']
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped before applying that update."""
+
+
+class TrainerState:
+    """Where training is and what it has measured; registered with ``accelerator.register_for_checkpointing``.
+
+    ``epoch`` / ``batch_in_epoch`` locate the next batch to train; ``update`` counts optimizer updates;
+    ``phase`` names the phase being trained; ``loss_sums`` / ``loss_count`` accumulate the epoch's losses so a
+    mid-epoch resume reports the same epoch means. ``history`` and ``routing_history`` (one entry per finished
+    epoch) and ``elapsed`` (training wall time of earlier sessions) make the final ``results.json`` of a
+    resumed run the same as an uninterrupted one. RNG states (python, numpy, torch per process) are saved by
+    accelerate itself next to this state.
+    """
+
+    def __init__(self):
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.update = 0
+        self.phase = ''
+        self.history: List[Dict[str, Any]] = []
+        self.routing_history: List[Dict[str, Any]] = []
+        self.elapsed = 0.0
+        self.next_checkpoint = 0
+        self.keys_initialised = False
+        self.loss_sums: Dict[str, float] = {}  # this epoch's running loss sums (this process), for the mean
+        self.loss_count = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest ``checkpoints/checkpoint_<i>`` folder of a run (by accelerate's iteration number), or None."""
+    folder = Path(run_dir) / 'checkpoints'
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.iterdir():
+        prefix, _, index = path.name.rpartition('_')
+        if path.is_dir() and prefix == 'checkpoint' and index.isdigit():
+            found.append((int(index), path))
+    return max(found)[1] if found else None
+
+
+def resolve_resume(resume: Optional[str], output_dir: str | os.PathLike) -> Optional[Path]:
+    """Turn ``--resume`` into a checkpoint folder.
+
+    ``None``: start fresh. ``'auto'``: the newest checkpoint of ``output_dir``, or None if it has none.
+    A run folder: its newest checkpoint. A checkpoint folder: itself.
+
+    Raises:
+        FileNotFoundError: A named run folder holds no checkpoint.
+    """
+    if resume is None:
+        return None
+    if resume == 'auto':
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    is_checkpoint = any(path.glob('model*.safetensors')) or any(path.glob('pytorch_model*.bin'))
+    if is_checkpoint and not (path / 'checkpoints').is_dir():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f'resume: {path} holds no checkpoints/checkpoint_<i> folder to resume from')
+    return found
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
+    """Write JSON through a temporary file and ``os.replace`` so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+    with os.fdopen(fd, 'w') as f:
+        json.dump(_json_safe(data), f, indent=2)
+        f.write('\n')
+    os.replace(tmp, path)
+    return path
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def save_model_dir(
+        model: nn.Module,
+        model_dir: str | os.PathLike,
+        data_config: Optional[Dict[str, Any]] = None,
+        label_names: Optional[List[str]] = None,
+        state_dict: Optional[Dict[str, torch.Tensor]] = None,
+) -> Path:
+    """Save ``config.json`` + ``model.safetensors`` in timm's Hub format (as ``timm.models.save_for_hf``), atomically.
+
+    Written into a temporary sibling folder first and renamed into place, so ``model_dir`` is always either
+    the previous complete export or the new one. ``timm.create_model(f'local-dir:{model_dir}',
+    pretrained=True)`` rebuilds the model (timm records the model args) with these weights.
+
+    Args:
+        model: the (unwrapped) model; its ``pretrained_cfg`` and model args go to ``config.json``.
+        model_dir: the folder to create or replace.
+        data_config: the preprocessing used in training (input_size, mean, std, crop_pct, interpolation).
+        label_names: class names in label order.
+        state_dict: the weights to save (e.g. ``accelerator.get_state_dict(model)`` under FSDP); default the
+            model's own.
+    """
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
+
+    model_dir = Path(model_dir)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{model_dir.name}.tmp-', dir=model_dir.parent))
+    try:
+        model_config = {'label_names': list(label_names)} if label_names else None
+        save_file(tensors, str(tmp / 'model.safetensors'), metadata={'format': 'pt'})
+        save_config_for_hf(model, str(tmp / 'config.json'), model_config=model_config, data_config=data_config)
+        old = None
+        if model_dir.exists():
+            old = model_dir.with_name(f'.{model_dir.name}.old-{os.getpid()}')
+            os.replace(model_dir, old)
+        os.replace(tmp, model_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model_dir

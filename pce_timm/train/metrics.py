@@ -1,0 +1,111 @@
+"""Per-sample records of accuracy, loss and routing that survive ``accelerator.gather_for_metrics``.
+
+Everything is recorded per sample (a row per image), so gathering across processes and dropping the
+duplicated samples of the last, padded batch keeps the numbers exact: top-1 / top-5 / loss over the whole
+split, and per PCE layer the top-1 expert counts (usage) and the mean router entropy.
+
+Shape legend: b batch, n patches, e experts.
+"""
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from pce_timm.layers import PCEConv2d
+
+__all__ = ['sample_records', 'routing_records', 'MetricMeter', 'summarize_usage']
+
+
+def sample_records(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> Dict[str, torch.Tensor]:
+    """Per-sample loss (fp32 CE), top-1 and top-k (k = min(5, classes)) hits as float tensors [b]."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits, target, reduction='none')
+    topk = logits.topk(min(5, num_classes), dim=-1).indices
+    hits = topk == target.unsqueeze(1)
+    return {'loss': loss, 'top1': hits[:, 0].float(), 'top5': hits.any(1).float()}
+
+
+def routing_records(layers: Dict[str, PCEConv2d]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per sample and PCE layer: top-1 expert counts [b, e] and mean router entropy over patches [b]."""
+    records = {}
+    for name, layer in layers.items():
+        logits = layer.last_router_logits
+        if logits is None:
+            continue
+        logits = logits.detach().float()
+        first = logits.argmax(-1) if layer.soft else layer.last_expert_indices[..., 0]  # [b, n]
+        counts = F.one_hot(first, layer.num_experts).sum(1).float()  # [b, e]
+        log_probs = logits.log_softmax(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1).mean(1)  # [b]
+        records[name] = {'counts': counts, 'entropy': entropy}
+    return records
+
+
+def summarize_usage(counts: torch.Tensor, mean_entropy: float) -> Dict[str, Any]:
+    """Statistics of one layer from its total top-1 counts [e].
+
+    Returns:
+        ``usage_entropy`` (entropy of the usage shares / log e: 1 = perfectly even), ``imbalance`` (most / least
+        used expert; ``None`` when an expert is unused, since JSON has no infinity), ``dead_experts`` (indices of
+        unused experts), ``mean_router_entropy`` (mean per-patch entropy of the routing distribution, nats),
+        ``usage_share`` (fraction of patches per expert) and ``usage_counts``.
+    """
+    counts = counts.double()
+    e = counts.numel()
+    share = counts / counts.sum().clamp(min=1)
+    entropy = float(-(share * share.clamp(min=1e-12).log()).sum())
+    usage_entropy = entropy / math.log(e) if e > 1 else 1.0
+    least = float(counts.min())
+    return {
+        'usage_entropy': round(usage_entropy, 6),
+        'imbalance': round(float(counts.max()) / least, 6) if least > 0 else None,
+        'mean_router_entropy': round(mean_entropy, 6),
+        'dead_experts': [i for i, c in enumerate(counts.tolist()) if c == 0],
+        'usage_share': [round(s, 6) for s in share.tolist()],
+        'usage_counts': [int(c) for c in counts.tolist()],
+    }
+
+
+class MetricMeter:
+    """Accumulates gathered per-sample records; :meth:`compute` returns the split's metrics."""
+
+    def __init__(self):
+        self.count = 0
+        self.sums: Dict[str, float] = {}
+        self.routing_counts: Dict[str, torch.Tensor] = {}
+        self.routing_entropy: Dict[str, float] = {}
+
+    def update(self, samples: Dict[str, torch.Tensor], routing: Optional[Dict[str, Dict[str, torch.Tensor]]] = None):
+        self.count += int(samples['loss'].numel())
+        for key, value in samples.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.double().sum())
+        for name, record in (routing or {}).items():
+            counts = record['counts'].double().sum(0).cpu()
+            self.routing_counts[name] = self.routing_counts.get(name, 0) + counts
+            self.routing_entropy[name] = self.routing_entropy.get(name, 0.0) + float(record['entropy'].double().sum())
+
+    def compute(self) -> Dict[str, Any]:
+        n = max(self.count, 1)
+        out: Dict[str, Any] = {
+            'top1': round(100.0 * self.sums.get('top1', 0.0) / n, 4),
+            'top5': round(100.0 * self.sums.get('top5', 0.0) / n, 4),
+            'loss': round(self.sums.get('loss', 0.0) / n, 6),
+            'num_samples': self.count,
+        }
+        out['routing'] = {name: summarize_usage(counts, self.routing_entropy[name] / n)
+                          for name, counts in self.routing_counts.items()}
+        return out
+
+
+def routing_summary(routing: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """Model-level summary of per-layer statistics: means over layers, total dead experts."""
+    if not routing:
+        return {}
+    layers: List[Dict[str, Any]] = list(routing.values())
+    imbalances = [r['imbalance'] for r in layers]
+    return {
+        'mean_usage_entropy': round(sum(r['usage_entropy'] for r in layers) / len(layers), 6),
+        'max_imbalance': None if any(i is None for i in imbalances) else max(imbalances),
+        'dead_experts': sum(len(r['dead_experts']) for r in layers),
+    }

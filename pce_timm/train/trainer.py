@@ -1,0 +1,269 @@
+"""``train(args)``: one accelerate training run, from a parsed config to a run folder.
+
+Order of events: resolve the resume point and load the data (a missing dataset fails here, before anything is
+built), build the accelerator, model, optimizer and loaders, fit the cosine keys by K-Means (fresh runs),
+``prepare``, restore the checkpoint (resumed runs), then per epoch: train (phases switch as scheduled),
+evaluate, log, checkpoint. Finally the model is exported to ``<output_dir>/model`` and ``results.json``
+written. See :mod:`.checkpoint` for the folder layout.
+"""
+import argparse
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import accelerate
+import timm
+import torch
+import torch.nn as nn
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+import pce_timm
+
+from .checkpoint import TrainerState, latest_checkpoint, resolve_resume, save_model_dir, write_json_atomic
+from .config import RecipeError, config_dict, flat_hparams, save_config
+from .engine import (
+    Criterion,
+    DataBundle,
+    PhaseController,
+    build_loaders,
+    create_optimizer,
+    create_scheduler,
+    create_train_model,
+    data_config,
+    evaluate,
+    load_data,
+    train_one_epoch,
+    updates_per_epoch,
+)
+from .metrics import routing_summary
+from .schedule import check_phases_fit_model, init_router_keys, needs_unused_parameters, pce_layers
+from .trackers import build_trackers
+
+__all__ = ['train', 'RunContext', 'build_accelerator', 'fit_router_keys', 'export_model', 'RESULTS_FILE']
+
+_logger = logging.getLogger(__name__)
+RESULTS_FILE = 'results.json'
+
+
+@dataclass
+class RunContext:
+    """Everything the loop pieces share during one run."""
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loaders: Dict[str, Any]
+    criterion: Criterion
+    phases: PhaseController
+    state: TrainerState
+    data: DataBundle
+    last_checkpoint: Optional[str] = None
+
+
+def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
+    """Accelerator with automatic checkpoint naming, trackers, seeded data order and DDP's unused-param search.
+
+    ``find_unused_parameters`` is on only when a phase routes without the router (positional / uniform):
+    then the router and patch-embedding parameters get no gradient and DDP would otherwise stop with
+    "Expected to have finished reduction in the prior iteration".
+    """
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / 'logs'),
+                                   automatic_checkpoint_naming=True, total_limit=args.checkpoint_limit)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=needs_unused_parameters(args.phases))
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        log_with=build_trackers(args.log_with or [], output_dir / 'logs', output_dir.name) or None,
+        project_config=project,
+        kwargs_handlers=[ddp],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+
+
+def fit_router_keys(model: nn.Module, loader, num_batches: int, seed: int, device, progress: bool) -> Dict[str, int]:
+    """K-Means-initialise cosine-router keys from ``num_batches`` real training batches (same on every rank)."""
+    if not any(hasattr(m.router, 'init_keys') for m in pce_layers(model).values()):
+        return {}
+    batches = []
+    for i, (x, _) in enumerate(tqdm(loader, total=min(num_batches, len(loader)), desc='key init (K-Means)',
+                                    disable=not progress, leave=False)):
+        if i >= num_batches:
+            break
+        batches.append(x.to(device))
+    return init_router_keys(model, batches, seed=seed)
+
+
+def export_model(ctx: RunContext, model_dir: Path) -> None:
+    """Save the final weights + config in timm's Hub format (atomically, on the main process)."""
+    acc = ctx.accelerator
+    state_dict = acc.get_state_dict(ctx.model)
+    if acc.is_main_process:
+        save_model_dir(acc.unwrap_model(ctx.model), model_dir, data_config(ctx.args, ctx.data),
+                       ctx.data.info.get('class_names'), state_dict=state_dict)
+    acc.wait_for_everyone()
+
+
+def _check_output_dir(output_dir: Path, resume_from: Optional[Path]) -> None:
+    if resume_from is None and latest_checkpoint(output_dir) is not None:
+        raise RecipeError(f'output_dir: {str(output_dir)!r} already holds checkpoints of an earlier run; pass '
+                          f'--resume auto to continue it, or choose another --output-dir')
+
+
+def _setup(args: argparse.Namespace) -> RunContext:
+    output_dir = Path(args.output_dir)
+    resume_from = resolve_resume(args.resume, output_dir)
+    _check_output_dir(output_dir, resume_from)
+    data = load_data(args)  # a missing / unreadable dataset stops here, before anything is built
+    accelerator = build_accelerator(args, output_dir)
+    set_seed(args.seed)
+    model = create_train_model(args, data)
+    check_phases_fit_model(args.phases, model)
+    loaders = build_loaders(args, data)
+    state = TrainerState()
+    model.to(accelerator.device)
+    if resume_from is None and args.key_init == 'kmeans' and not args.pretrained:
+        fitted = fit_router_keys(model, loaders['key_init'], args.key_init_batches, args.seed, accelerator.device,
+                                 args.progress and accelerator.is_local_main_process)
+        state.keys_initialised = bool(fitted)
+    optimizer = create_optimizer(args, model)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+        model, optimizer, loaders['train'], loaders['eval'])
+    scheduler = create_scheduler(args, optimizer, updates_per_epoch(len(train_loader), args.grad_accum_steps))
+    loaders.update(train=train_loader, eval=eval_loader)
+    accelerator.register_for_checkpointing(state)
+    ctx = RunContext(args, accelerator, model, optimizer, scheduler, loaders, Criterion(args, data.num_classes),
+                     PhaseController(accelerator.unwrap_model(model), optimizer, tuple(args.phases)), state, data)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.project_configuration.iteration = state.next_checkpoint
+        ctx.last_checkpoint = str(resume_from)
+        accelerator.print(f'resumed from {resume_from}: epoch {state.epoch}, batch {state.batch_in_epoch}, '
+                          f'update {state.update}')
+    else:
+        set_seed(args.seed, device_specific=True)  # different augmentation per rank
+    return ctx
+
+
+def _save_checkpoint(ctx: RunContext, elapsed: float) -> None:
+    ctx.state.elapsed = elapsed
+    ctx.state.next_checkpoint = ctx.accelerator.save_iteration + 1
+    ctx.last_checkpoint = ctx.accelerator.save_state()
+
+
+def _epoch_record(ctx: RunContext, epoch: int, losses: Dict[str, float], metrics: Dict[str, Any],
+                  epoch_time: float) -> None:
+    state = ctx.state
+    lr = max(g['lr'] for g in ctx.optimizer.param_groups)
+    entry = {'epoch': epoch + 1, 'phase': state.phase, 'updates': state.update, 'lr': lr,
+             'train_loss': losses.get('loss'), 'train_ce': losses.get('ce'),
+             'aux_entropy': losses.get('aux_entropy'), 'aux_balance': losses.get('aux_balance'),
+             'aux_z_loss': losses.get('aux_z_loss'), 'eval_loss': metrics['loss'], 'top1': metrics['top1'],
+             'top5': metrics['top5'], 'epoch_time_s': round(epoch_time, 3)}
+    state.history.append(entry)
+    layers = {name: {k: r[k] for k in ('usage_entropy', 'imbalance', 'mean_router_entropy', 'dead_experts',
+                                       'usage_share')}
+              for name, r in metrics['routing'].items()}
+    state.routing_history.append({'epoch': epoch + 1, 'phase': state.phase, 'layers': layers})
+    scalars = {f'train/{k}': v for k, v in losses.items()}
+    scalars.update({'eval/top1': metrics['top1'], 'eval/top5': metrics['top5'], 'eval/loss': metrics['loss']})
+    for name, r in metrics['routing'].items():
+        scalars[f'routing/{name}/usage_entropy'] = r['usage_entropy']
+        scalars[f'routing/{name}/dead_experts'] = len(r['dead_experts'])
+        if r['imbalance'] is not None:
+            scalars[f'routing/{name}/imbalance'] = r['imbalance']
+    ctx.accelerator.log(scalars, step=state.update)
+    summary = routing_summary(metrics['routing'])
+    routing = (f", usage entropy {summary['mean_usage_entropy']:.3f}, dead experts {summary['dead_experts']}"
+               if summary else '')
+    ctx.accelerator.print(f"epoch {epoch + 1}/{ctx.args.epochs} [{state.phase}] train loss {entry['train_loss']:.4f}"
+                          f", eval loss {metrics['loss']:.4f}, top-1 {metrics['top1']:.2f}, "
+                          f"top-5 {metrics['top5']:.2f}{routing} ({epoch_time:.1f}s)")
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run (or resume) training as configured by ``args`` (see :func:`.config.parse_args`).
+
+    Returns:
+        The content of ``results.json`` (every process gets the same dict; only the main one writes files).
+
+    Raises:
+        pce_timm.data.DatasetNotFoundError: the dataset is missing or unreadable (before training starts).
+        RecipeError: a config value does not fit the model or the output folder.
+        NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept and named.
+    """
+    started = time.time()
+    ctx = _setup(args)
+    acc, state = ctx.accelerator, ctx.state
+    output_dir = Path(args.output_dir)
+    if acc.is_main_process:
+        save_config(args, output_dir)
+    config = config_dict(args)
+    acc.init_trackers(output_dir.name, config=flat_hparams(config))
+    session_start, base_elapsed = time.time(), state.elapsed
+
+    def elapsed() -> float:
+        return base_elapsed + time.time() - session_start
+
+    def on_update(update: int) -> None:
+        steps = args.checkpoint_steps
+        if steps and update % steps == 0 and state.batch_in_epoch < len(ctx.loaders['train']):
+            _save_checkpoint(ctx, elapsed())
+
+    try:
+        for epoch in range(state.epoch, args.epochs):
+            state.epoch = epoch
+            epoch_start = time.time()
+            losses = train_one_epoch(ctx, epoch, on_update)
+            metrics = evaluate(ctx.model, ctx.loaders['eval'], acc, ctx.data.num_classes, args.progress,
+                               desc=f'eval {epoch + 1}/{args.epochs}')
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            _epoch_record(ctx, epoch, losses, metrics, time.time() - epoch_start)
+            if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs:
+                _save_checkpoint(ctx, elapsed())
+        export_model(ctx, output_dir / 'model')
+        results = _results(ctx, elapsed(), time.time() - started, config)
+        if acc.is_main_process:
+            write_json_atomic(results, output_dir / RESULTS_FILE)
+        acc.print(f'top-1 {results["top1"]:.2f}, top-5 {results["top5"]:.2f}; wrote {output_dir / RESULTS_FILE} '
+                  f'and {output_dir / "model"}')
+        return results
+    finally:
+        acc.end_training()
+
+
+def _results(ctx: RunContext, wall_time: float, session_time: float, config: Dict[str, Any]) -> Dict[str, Any]:
+    state, args = ctx.state, ctx.args
+    final = state.history[-1] if state.history else {}
+    last_routing = state.routing_history[-1]['layers'] if state.routing_history else {}
+    model = ctx.accelerator.unwrap_model(ctx.model)
+    return {
+        'status': 'completed',
+        'model': args.model,
+        'dataset': ctx.data.info['name'],
+        'eval_split': args.eval_split,
+        'top1': final.get('top1'),
+        'top5': final.get('top5'),
+        'loss': final.get('eval_loss'),
+        'train_loss': final.get('train_loss'),
+        'epochs': state.epoch,
+        'updates': state.update,
+        'num_params': sum(p.numel() for p in model.parameters()),
+        'wall_time_s': round(wall_time, 3),
+        'session_time_s': round(session_time, 3),
+        'num_processes': ctx.accelerator.num_processes,
+        'routing': last_routing,
+        'routing_summary': routing_summary(last_routing),
+        'routing_history': state.routing_history,
+        'history': state.history,
+        'keys_initialised': state.keys_initialised,
+        'model_dir': 'model',
+        'config': config,
+        'versions': {'pce_timm': pce_timm.__version__, 'timm': timm.__version__, 'torch': torch.__version__,
+                     'accelerate': accelerate.__version__, 'python': platform.python_version()},
+    }

@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Train a pce_timm (or any timm) model with accelerate.
+
+    python scripts/train.py --model pce_resnet18 --dataset fashion_mnist --epochs 2 --output-dir runs/x
+    python scripts/train.py --config scripts/configs/demo_fmnist.yaml --output-dir runs/x
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py --config ... # N processes (CPU: gloo)
+    python scripts/train.py --resume runs/x                                       # continue a run
+
+Recipe keys are the argument names with underscores (``batch_size``) plus ``phases``; see
+``pce_timm/train/config.py`` and ``pce_timm/train/schedule.py``.
+"""
+import sys
+
+from pce_timm.train.cli import run_cli
+from pce_timm.train.config import parse_args
+from pce_timm.train.trainer import train
+
+
+def main(argv=None) -> int:
+    return run_cli(lambda: train(parse_args(argv)))
+
+
+if __name__ == '__main__':
+    sys.exit(main())
