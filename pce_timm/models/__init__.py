@@ -8,3 +8,4 @@ from .pce_resnet import (
     pce_arch_args,
     upcycle_dense_state_dict,
 )
+from .pce_vit_hybrid import PCEHybridEmbed, PCEVisionTransformer
