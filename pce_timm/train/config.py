@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--in-chans', type=int, default=None, help='model input channels (default: the dataset)')
 
     group = parser.add_argument_group('model')
-    group.add_argument('--model', default=None, help='timm model name, local-dir:DIR or hf-hub:ID')
+    group.add_argument('--model', default=None,
+                       help='timm model name; or trained weights to start from: local-dir:DIR, hf-hub:ID, a run '
+                            'folder, a model folder or a checkpoint folder')
     group.add_argument('--pretrained', type=_bool, nargs='?', const=True, default=False,
                        help='load the pretrained weights of --model')
     group.add_argument('--num-experts', type=int, default=None)
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--stem-type', default=None)
     group.add_argument('--drop-rate', type=float, default=None)
     group.add_argument('--drop-path-rate', type=float, default=None)
+    group.add_argument('--freeze', nargs='*', default=None, choices=('experts', 'router', 'backbone'),
+                       help='keep these parts unchanged for the whole run (fine-tuning)')
     group.add_argument('--model-kwargs', type=_key_value, nargs='*', default=None, metavar='KEY=VALUE',
                        help='further timm.create_model kwargs (in a recipe: a mapping)')
 
@@ -262,8 +266,10 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
     parser = parser or build_parser()
     for dest, action in _actions(parser).items():
         value = getattr(args, dest, None)
-        if action.choices is not None and value is not None and value not in action.choices:
-            _require(False, dest, value, ', '.join(map(str, action.choices)))
+        values = value if isinstance(value, (list, tuple)) and action.nargs in ('*', '+') else [value]
+        for item in values:
+            if action.choices is not None and item is not None and item not in action.choices:
+                _require(False, dest, item, ', '.join(map(str, action.choices)))
     _require(bool(args.model), 'model', args.model, 'a timm model name (e.g. pce_resnet18), local-dir:DIR, hf-hub:ID')
     _require(bool(args.dataset), 'dataset', args.dataset, 'a dataset name (pce_timm.data.list_datasets())')
     for key in ('epochs', 'batch_size', 'grad_accum_steps', 'key_init_batches', 'log_interval', 'checkpoint_every',

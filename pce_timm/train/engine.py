@@ -23,7 +23,9 @@ from pce_timm.layers import AuxLossWeights, collect_aux_loss
 
 from .checkpoint import NonFiniteLossError
 from .config import model_kwargs
+from .data import create_train_loader
 from .metrics import MetricMeter, routing_records, sample_records
+from .models import load_model, resolve_model_source
 from .schedule import Phase, apply_phase, ema_update_keys, param_groups, pce_layers, phase_at
 
 __all__ = ['DataBundle', 'load_data', 'create_train_model', 'create_optimizer', 'create_scheduler', 'set_lr',
@@ -85,9 +87,9 @@ def build_loaders(args: argparse.Namespace, data: DataBundle) -> Dict[str, torch
     train_tf, eval_tf = build_transforms(args, data)
     loaders = {}
     if data.train is not None:
-        loaders['train'] = create_loader(
-            data.train, train_tf, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-            seed=args.seed, max_samples=args.max_train_samples, drop_last=True)
+        loaders['train'] = create_train_loader(data.train, train_tf, args.batch_size, seed=args.seed,
+                                               num_workers=args.workers, max_samples=args.max_train_samples)
+        loaders['train_sampler'] = loaders['train'].sampler
         if len(loaders['train']) == 0:
             raise ValueError(f'batch_size: {args.batch_size} is larger than the {len(loaders["train"].dataset)} '
                              f'training samples; lower batch_size or raise max_train_samples')
@@ -101,10 +103,22 @@ def build_loaders(args: argparse.Namespace, data: DataBundle) -> Dict[str, torch
     return loaders
 
 
+def starts_from_trained(args: argparse.Namespace) -> bool:
+    """Whether the run starts from trained weights (``--pretrained`` or a folder / local-dir / hf-hub source)."""
+    return args.pretrained or resolve_model_source(args.model) != (args.model, None) or ':' in args.model
+
+
 def create_train_model(args: argparse.Namespace, data: DataBundle, **overrides: Any) -> nn.Module:
-    """``timm.create_model`` with the dataset's classes and channels and the run's model kwargs."""
+    """The run's model with the dataset's classes and channels and the run's model kwargs.
+
+    A timm name is created with ``pretrained=args.pretrained``; trained sources (run / model / checkpoint
+    folders, ``local-dir:``, ``hf-hub:``) are loaded with :func:`.models.load_model`, which gives a new
+    classifier when the number of classes differs.
+    """
     kwargs = dict(model_kwargs(args), num_classes=data.num_classes, in_chans=data.in_chans)
     kwargs.update(overrides)
+    if starts_from_trained(args) and not args.pretrained:
+        return load_model(args.model, **kwargs)
     return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
 
 
@@ -222,11 +236,13 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
     acc, model, state, args = ctx.accelerator, ctx.model, ctx.state, ctx.args
     loader = ctx.loaders['train']
     loader.set_epoch(epoch)
-    _seed_loader(loader, args.seed, epoch)
+    ctx.loaders['train_sampler'].set_epoch(epoch)
     num_batches = len(loader)
     if state.batch_in_epoch:
         loader = acc.skip_first_batches(loader, state.batch_in_epoch)
     model.train()
+    for norm in ctx.frozen_norms:  # frozen parts keep their running statistics
+        norm.eval()
     phase, _ = ctx.phases.update(epoch + state.batch_in_epoch / num_batches)
     state.phase = phase.name
     set_lr(ctx.scheduler, ctx.optimizer, epoch, state.update)
@@ -269,13 +285,6 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
         means = acc.reduce(means, reduction='mean')
     state.loss_sums, state.loss_count = {}, 0
     return {k: float(v) for k, v in means.items()}
-
-
-def _seed_loader(loader, seed: int, epoch: int) -> None:
-    """Reseed the loader's generator per epoch: worker seeds then depend on (seed, epoch), not on history."""
-    generator = getattr(loader, 'generator', None)
-    if isinstance(generator, torch.Generator):
-        generator.manual_seed(seed * 10007 + epoch)
 
 
 @torch.no_grad()

@@ -12,13 +12,13 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import accelerate
 import timm
 import torch
 import torch.nn as nn
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -37,10 +37,12 @@ from .engine import (
     data_config,
     evaluate,
     load_data,
+    starts_from_trained,
     train_one_epoch,
     updates_per_epoch,
 )
 from .metrics import routing_summary
+from .models import freeze_parts
 from .schedule import check_phases_fit_model, init_router_keys, needs_unused_parameters, pce_layers
 from .trackers import build_trackers
 
@@ -64,10 +66,11 @@ class RunContext:
     state: TrainerState
     data: DataBundle
     last_checkpoint: Optional[str] = None
+    frozen_norms: Tuple[nn.Module, ...] = ()
 
 
 def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
-    """Accelerator with automatic checkpoint naming, trackers, seeded data order and DDP's unused-param search.
+    """Accelerator with automatic checkpoint naming, trackers and DDP's unused-parameter search.
 
     ``find_unused_parameters`` is on only when a phase routes without the router (positional / uniform):
     then the router and patch-embedding parameters get no gradient and DDP would otherwise stop with
@@ -82,7 +85,6 @@ def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator
         log_with=build_trackers(args.log_with or [], output_dir / 'logs', output_dir.name) or None,
         project_config=project,
         kwargs_handlers=[ddp],
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
 
 
@@ -115,19 +117,23 @@ def _check_output_dir(output_dir: Path, resume_from: Optional[Path]) -> None:
                           f'--resume auto to continue it, or choose another --output-dir')
 
 
-def _setup(args: argparse.Namespace) -> RunContext:
+ModelFn = Callable[[argparse.Namespace, DataBundle], Tuple[nn.Module, List[nn.Module]]]
+
+
+def _setup(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> RunContext:
     output_dir = Path(args.output_dir)
     resume_from = resolve_resume(args.resume, output_dir)
     _check_output_dir(output_dir, resume_from)
     data = load_data(args)  # a missing / unreadable dataset stops here, before anything is built
     accelerator = build_accelerator(args, output_dir)
     set_seed(args.seed)
-    model = create_train_model(args, data)
+    model, frozen_norms = model_fn(args, data) if model_fn else (create_train_model(args, data), [])
+    frozen_norms = list(frozen_norms) + freeze_parts(model, args.freeze or [])
     check_phases_fit_model(args.phases, model)
     loaders = build_loaders(args, data)
     state = TrainerState()
     model.to(accelerator.device)
-    if resume_from is None and args.key_init == 'kmeans' and not args.pretrained:
+    if resume_from is None and args.key_init == 'kmeans' and not starts_from_trained(args):
         fitted = fit_router_keys(model, loaders['key_init'], args.key_init_batches, args.seed, accelerator.device,
                                  args.progress and accelerator.is_local_main_process)
         state.keys_initialised = bool(fitted)
@@ -138,7 +144,8 @@ def _setup(args: argparse.Namespace) -> RunContext:
     loaders.update(train=train_loader, eval=eval_loader)
     accelerator.register_for_checkpointing(state)
     ctx = RunContext(args, accelerator, model, optimizer, scheduler, loaders, Criterion(args, data.num_classes),
-                     PhaseController(accelerator.unwrap_model(model), optimizer, tuple(args.phases)), state, data)
+                     PhaseController(accelerator.unwrap_model(model), optimizer, tuple(args.phases)), state, data,
+                     frozen_norms=tuple(frozen_norms))
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.project_configuration.iteration = state.next_checkpoint
@@ -186,8 +193,11 @@ def _epoch_record(ctx: RunContext, epoch: int, losses: Dict[str, float], metrics
                           f"top-5 {metrics['top5']:.2f}{routing} ({epoch_time:.1f}s)")
 
 
-def train(args: argparse.Namespace) -> Dict[str, Any]:
+def train(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> Dict[str, Any]:
     """Run (or resume) training as configured by ``args`` (see :func:`.config.parse_args`).
+
+    ``model_fn(args, data) -> (model, frozen_norms)`` replaces ``timm.create_model`` (fine-tuning uses it);
+    ``frozen_norms`` are norm layers kept in eval mode while training.
 
     Returns:
         The content of ``results.json`` (every process gets the same dict; only the main one writes files).
@@ -198,7 +208,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept and named.
     """
     started = time.time()
-    ctx = _setup(args)
+    ctx = _setup(args, model_fn)
     acc, state = ctx.accelerator, ctx.state
     output_dir = Path(args.output_dir)
     if acc.is_main_process:

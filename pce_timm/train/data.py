@@ -1,0 +1,114 @@
+"""A training loader whose order and augmentation are functions of (seed, epoch, sample) only.
+
+Why: accelerate's DataLoaderShard loads one batch ahead, so when a checkpoint is saved after batch k the next
+batch has already been augmented with the global RNG. Restoring that RNG state on resume would augment batch
+k + 1 differently and the resumed run would drift. Here every sample is augmented inside an RNG context
+seeded from (seed, epoch, index) and the global RNG states are restored afterwards, so
+
+- a mid-epoch resume (``--checkpoint-steps``) reproduces the uninterrupted run bit for bit;
+- augmentation does not depend on ``num_workers`` or on which rank loads a sample;
+- the global RNGs are left to the training loop (mixup, Gumbel noise, dropout), which accelerate checkpoints.
+
+The sampler encodes the epoch into the indices it yields (``epoch * n + i``), so persistent workers learn
+the epoch without any cross-process state.
+"""
+import random
+from typing import Callable, Iterator, Optional, Tuple
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pce_timm.data import ImageClassificationDataset, subset_indices
+
+__all__ = ['EpochSampler', 'SeededAugmentDataset', 'create_train_loader']
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant: spreads (seed, epoch, index) over 63 bits
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-spread 63-bit seed for one sample of one epoch."""
+    value = (seed * _MIX + epoch) * _MIX + index
+    value ^= value >> 31
+    return (value * _MIX) % (2 ** 63 - 1)
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch; yields ``epoch * n + index`` (see :class:`SeededAugmentDataset`)."""
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1) % (2 ** 62))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = range(self.num_samples)
+        offset = self.epoch * self.num_samples
+        return iter([offset + i for i in order])
+
+
+class SeededAugmentDataset(Dataset):
+    """Applies ``transform`` to sample ``i`` of epoch ``e`` under RNGs seeded from (seed, e, i).
+
+    Python's ``random``, NumPy's global RNG and torch's CPU RNG (what timm / torchvision transforms draw from)
+    are seeded for the call and restored afterwards.
+    """
+
+    def __init__(self, base: Dataset, transform: Optional[Callable], seed: int = 0):
+        self.base = base
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, code: int) -> Tuple[torch.Tensor, int]:
+        epoch, index = divmod(int(code), len(self.base))
+        image, label = self.base[index]
+        if self.transform is None:
+            return image, label
+        seed = sample_seed(self.seed, epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(seed)
+                np.random.seed(seed % (2 ** 32))
+                torch.manual_seed(seed)
+                image = self.transform(image)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return image, label
+
+
+def create_train_loader(
+        dataset: datasets.Dataset,
+        transform: Callable,
+        batch_size: int,
+        seed: int = 0,
+        num_workers: int = 0,
+        max_samples: Optional[int] = None,
+) -> DataLoader:
+    """Shuffled, full-batch training loader over ``dataset`` (``max_samples``: a fixed random subset)."""
+    if max_samples is not None:
+        indices = subset_indices(len(dataset), max_samples, seed)
+        if len(indices) < len(dataset):
+            dataset = dataset.select(indices.tolist())
+    images = SeededAugmentDataset(ImageClassificationDataset(dataset, None), transform, seed)
+    # An own generator: creating an iterator draws the workers' base seed from it, not from the global RNG
+    # (which a mid-epoch resume would otherwise see drawn once more than the uninterrupted run did).
+    return DataLoader(images, batch_size=batch_size, sampler=EpochSampler(len(images), seed), drop_last=True,
+                      num_workers=num_workers, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
