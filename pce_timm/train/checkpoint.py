@@ -15,13 +15,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['TrainerState', 'NonFiniteLossError', 'latest_checkpoint', 'resolve_resume', 'save_model_dir',
-           'write_json_atomic']
+__all__ = [
+    'TrainerState', 'NonFiniteLossError', 'checkpoint_folders', 'is_complete', 'latest_checkpoint', 'mark_complete',
+    'resolve_resume', 'save_model_dir', 'write_json_atomic',
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,27 +62,45 @@ class TrainerState:
             setattr(self, key, value)
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
-    """The newest ``checkpoints/checkpoint_<i>`` folder of a run (by accelerate's iteration number), or None."""
+COMPLETE_MARKER = '.complete'
+
+
+def checkpoint_folders(run_dir: str | os.PathLike) -> List[Tuple[int, Path]]:
+    """Every ``checkpoints/checkpoint_<i>`` folder of a run as ``(i, path)``, oldest first (complete or not)."""
     folder = Path(run_dir) / 'checkpoints'
     if not folder.is_dir():
-        return None
+        return []
     found = []
     for path in folder.iterdir():
         prefix, _, index = path.name.rpartition('_')
         if path.is_dir() and prefix == 'checkpoint' and index.isdigit():
             found.append((int(index), path))
-    return max(found)[1] if found else None
+    return sorted(found)
+
+
+def is_complete(checkpoint: str | os.PathLike) -> bool:
+    """Whether a checkpoint was written to the end (a run killed while saving leaves one without the marker)."""
+    return (Path(checkpoint) / COMPLETE_MARKER).is_file()
+
+
+def mark_complete(checkpoint: str | os.PathLike) -> None:
+    (Path(checkpoint) / COMPLETE_MARKER).touch()
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest complete ``checkpoints/checkpoint_<i>`` folder of a run (by accelerate's number), or None."""
+    complete = [path for _, path in checkpoint_folders(run_dir) if is_complete(path)]
+    return complete[-1] if complete else None
 
 
 def resolve_resume(resume: Optional[str], output_dir: str | os.PathLike) -> Optional[Path]:
     """Turn ``--resume`` into a checkpoint folder.
 
-    ``None``: start fresh. ``'auto'``: the newest checkpoint of ``output_dir``, or None if it has none.
-    A run folder: its newest checkpoint. A checkpoint folder: itself.
+    ``None``: start fresh. ``'auto'``: the newest complete checkpoint of ``output_dir``, or None if it has
+    none. A run folder: its newest complete checkpoint. A checkpoint folder: itself.
 
     Raises:
-        FileNotFoundError: A named run folder holds no checkpoint.
+        FileNotFoundError: a named run folder holds no complete checkpoint, or a named checkpoint is incomplete.
     """
     if resume is None:
         return None
@@ -89,10 +109,13 @@ def resolve_resume(resume: Optional[str], output_dir: str | os.PathLike) -> Opti
     path = Path(resume)
     is_checkpoint = any(path.glob('model*.safetensors')) or any(path.glob('pytorch_model*.bin'))
     if is_checkpoint and not (path / 'checkpoints').is_dir():
+        if not is_complete(path):
+            raise FileNotFoundError(f'resume: {path} is incomplete (the run stopped while saving it); resume from '
+                                    f'the run folder {path.parent.parent} to use its newest complete checkpoint')
         return path
     found = latest_checkpoint(path)
     if found is None:
-        raise FileNotFoundError(f'resume: {path} holds no checkpoints/checkpoint_<i> folder to resume from')
+        raise FileNotFoundError(f'resume: {path} holds no complete checkpoints/checkpoint_<i> folder to resume from')
     return found
 
 

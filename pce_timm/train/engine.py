@@ -229,7 +229,8 @@ def _check_finite(ctx, loss: torch.Tensor) -> None:
 def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[str, float]:
     """Train one epoch (or its rest, when resuming mid-epoch) and return the epoch's mean losses.
 
-    ``ctx`` is the trainer's :class:`~pce_timm.train.trainer.RunContext`. After every optimizer update:
+    ``ctx`` is the trainer's :class:`~pce_timm.train.trainer.RunContext`; ``ctx.state`` ends at the start of
+    the next epoch. After every optimizer update:
     EMA key updates (phases with EMA keys), the lr schedule, step logging and ``on_update(update)``
     (mid-epoch checkpoints).
     """
@@ -284,6 +285,7 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
     if acc.num_processes > 1 and means:
         means = acc.reduce(means, reduction='mean')
     state.loss_sums, state.loss_count = {}, 0
+    state.epoch, state.batch_in_epoch = epoch + 1, 0
     return {k: float(v) for k, v in means.items()}
 
 

@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 import pce_timm
 
-from .checkpoint import TrainerState, latest_checkpoint, resolve_resume, save_model_dir, write_json_atomic
+from .checkpoint import (
+    TrainerState,
+    checkpoint_folders,
+    mark_complete,
+    resolve_resume,
+    save_model_dir,
+    write_json_atomic,
+)
 from .config import RecipeError, config_dict, flat_hparams, save_config
 from .engine import (
     Criterion,
@@ -112,7 +119,7 @@ def export_model(ctx: RunContext, model_dir: Path) -> None:
 
 
 def _check_output_dir(output_dir: Path, resume_from: Optional[Path]) -> None:
-    if resume_from is None and latest_checkpoint(output_dir) is not None:
+    if resume_from is None and checkpoint_folders(output_dir):
         raise RecipeError(f'output_dir: {str(output_dir)!r} already holds checkpoints of an earlier run; pass '
                           f'--resume auto to continue it, or choose another --output-dir')
 
@@ -148,7 +155,9 @@ def _setup(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> RunC
                      frozen_norms=tuple(frozen_norms))
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        accelerator.project_configuration.iteration = state.next_checkpoint
+        # past every folder, also one left incomplete by a kill (accelerate refuses to overwrite a folder)
+        existing = [index for index, _ in checkpoint_folders(output_dir)]
+        accelerator.project_configuration.iteration = max([state.next_checkpoint] + [i + 1 for i in existing])
         ctx.last_checkpoint = str(resume_from)
         accelerator.print(f'resumed from {resume_from}: epoch {state.epoch}, batch {state.batch_in_epoch}, '
                           f'update {state.update}')
@@ -158,9 +167,15 @@ def _setup(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> RunC
 
 
 def _save_checkpoint(ctx: RunContext, elapsed: float) -> None:
+    """``save_state`` on every process; the main one then marks the folder complete (see :mod:`.checkpoint`)."""
+    acc = ctx.accelerator
     ctx.state.elapsed = elapsed
-    ctx.state.next_checkpoint = ctx.accelerator.save_iteration + 1
-    ctx.last_checkpoint = ctx.accelerator.save_state()
+    ctx.state.next_checkpoint = acc.save_iteration + 1
+    path = acc.save_state()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        mark_complete(path)
+    ctx.last_checkpoint = path
 
 
 def _epoch_record(ctx: RunContext, epoch: int, losses: Dict[str, float], metrics: Dict[str, Any],
@@ -174,7 +189,7 @@ def _epoch_record(ctx: RunContext, epoch: int, losses: Dict[str, float], metrics
              'top5': metrics['top5'], 'epoch_time_s': round(epoch_time, 3)}
     state.history.append(entry)
     layers = {name: {k: r[k] for k in ('usage_entropy', 'imbalance', 'mean_router_entropy', 'dead_experts',
-                                       'usage_share')}
+                                       'usage_share', 'usage_counts')}
               for name, r in metrics['routing'].items()}
     state.routing_history.append({'epoch': epoch + 1, 'phase': state.phase, 'layers': layers})
     scalars = {f'train/{k}': v for k, v in losses.items()}
@@ -232,7 +247,6 @@ def train(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> Dict[
             losses = train_one_epoch(ctx, epoch, on_update)
             metrics = evaluate(ctx.model, ctx.loaders['eval'], acc, ctx.data.num_classes, args.progress,
                                desc=f'eval {epoch + 1}/{args.epochs}')
-            state.epoch, state.batch_in_epoch = epoch + 1, 0
             _epoch_record(ctx, epoch, losses, metrics, time.time() - epoch_start)
             if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs:
                 _save_checkpoint(ctx, elapsed())
