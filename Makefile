@@ -8,7 +8,7 @@
 #   make demo | bench | release | lint | clean
 #
 # Knobs: SYSTEM_PYTHON (interpreter that creates .venv), TORCH_PINS, PYTEST_ARGS, CONFORMANCE_ARGS,
-#        DEMO_ARGS, BENCH_ARGS, RELEASE_ARGS.
+#        TEST_CONFORMANCE_ARGS, DEMO_ARGS, BENCH_ARGS, RELEASE_ARGS.
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -23,7 +23,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The stamp's name carries a checksum of TORCH_PINS, so `make venv TORCH_PINS=...` reinstalls.
 STAMP := $(VENV)/.stamp-$(word 1,$(shell printf '%s' '$(TORCH_PINS)' | cksum))
-CONFORMANCE := PYTHON="$(abspath $(PY))" bash tools/timm_conformance/run $(CONFORMANCE_ARGS)
+CONFORMANCE := PYTHON="$(abspath $(PY))" bash tools/timm_conformance/run
+# `make test` leaves out timm's unmarked prune-at-every-feature-index test (timm's CI skips it too): it takes
+# ~40% of the conformance time on 2 cores. `make conformance` runs it.
+TEST_CONFORMANCE_ARGS ?= -k 'not test_prune_intermediate_layers_contract'
 
 .PHONY: venv sysdeps test test-slow conformance demo bench lint release clean
 
@@ -81,8 +84,8 @@ sysdeps:
 test: venv
 	@echo "==> pytest -m 'not slow'"
 	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
-	echo "==> timm conformance"
-	$(CONFORMANCE)
+	echo "==> timm conformance (without test_prune_intermediate_layers_contract)"
+	$(CONFORMANCE) $(TEST_CONFORMANCE_ARGS) $(CONFORMANCE_ARGS)
 
 test-slow: venv
 	@echo "==> pytest -m slow"
@@ -90,7 +93,7 @@ test-slow: venv
 
 conformance: venv
 	@echo "==> timm conformance"
-	$(CONFORMANCE)
+	$(CONFORMANCE) $(CONFORMANCE_ARGS)
 
 demo: venv
 	@$(PY) scripts/demo.py $(DEMO_ARGS)
