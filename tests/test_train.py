@@ -16,7 +16,6 @@ import pytest
 import timm
 import torch
 import yaml
-from accelerate import debug_launcher
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
@@ -375,13 +374,22 @@ def _two_rank_entry(argv):
     train(parse_args(argv))
 
 
+# debug_launcher forks; a fork of this pytest process (OpenMP pools, compile workers and server threads left by
+# earlier tests) can deadlock, so the launcher runs in a fresh interpreter that has started no threads yet.
+_LAUNCH = ('import sys; sys.path.insert(0, sys.argv[1]); from accelerate import debug_launcher; '
+           'from test_train import _two_rank_entry; '
+           'debug_launcher(_two_rank_entry, args=(sys.argv[2:],), num_processes=2)')
+
+
 def test_two_processes_with_debug_launcher(tmp_path):
     recipe = write_recipe(tmp_path / 'recipe.yaml', epochs=2, max_train_samples=256, max_eval_samples=101,
                           eval_batch_size=16, phases=[{'name': 'positional', 'epochs': 0.5, 'routing': 'positional'},
                                                       {'name': 'ema', 'epochs': 0.5, 'routing': 'ema'},
                                                       {'name': 'router', 'routing': 'router', 'attention': True}])
-    debug_launcher(_two_rank_entry, args=(['--config', str(recipe), '--output-dir', str(tmp_path / 'run')],),
-                   num_processes=2)
+    launched = subprocess.run([sys.executable, '-c', _LAUNCH, str(ROOT / 'tests'), '--config', str(recipe),
+                               '--output-dir', str(tmp_path / 'run')], env=_cli_env(), capture_output=True, text=True,
+                              timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
     results = json.loads((tmp_path / 'run' / 'results.json').read_text())
     assert results['num_processes'] == 2
     assert results['routing_history'][-1]['layers']['layer2.0.conv1']['usage_share']

@@ -13,14 +13,14 @@ The sampler encodes the epoch into the indices it yields (``epoch * n + i``), so
 the epoch without any cross-process state.
 """
 import random
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pce_timm.data import ImageClassificationDataset, subset_indices
+from pce_timm.data import subset_indices
 
 __all__ = ['EpochSampler', 'SeededAugmentDataset', 'create_train_loader']
 
@@ -60,37 +60,61 @@ class EpochSampler(Sampler[int]):
 
 
 class SeededAugmentDataset(Dataset):
-    """Applies ``transform`` to sample ``i`` of epoch ``e`` under RNGs seeded from (seed, e, i).
+    """``(transform(image), label)`` of sample ``i`` in epoch ``e``, augmented under RNGs seeded from (seed, e, i).
 
-    Python's ``random``, NumPy's global RNG and torch's CPU RNG (what timm / torchvision transforms draw from)
-    are seeded for the call and restored afterwards.
+    Python's ``random`` and torch's default CPU generator (what timm / torchvision / pce_timm transforms draw
+    from) are seeded for the call and restored afterwards; NumPy's global RNG too when ``isolate_numpy``
+    (timm's RandAugment / AugMix draw from it; restoring it costs ~0.1 ms a sample, so it is opt-in).
+    Batches are read from the Arrow table in one call (``__getitems__``), which is ~2x faster than row by row.
+
+    Args:
+        dataset: a ``datasets.Dataset`` with ``image`` and ``label`` columns (from ``load_image_dataset``).
+        transform: PIL image -> tensor (None returns the PIL image).
+        seed: the run's seed.
+        isolate_numpy: also seed and restore NumPy's global RNG around each transform.
     """
 
-    def __init__(self, base: Dataset, transform: Optional[Callable], seed: int = 0):
-        self.base = base
+    def __init__(self, dataset: datasets.Dataset, transform: Optional[Callable], seed: int = 0,
+                 isolate_numpy: bool = False):
+        missing = {'image', 'label'} - set(dataset.column_names)
+        if missing:
+            raise ValueError(f'dataset needs image and label columns; missing {sorted(missing)}')
+        self.dataset = dataset
         self.transform = transform
         self.seed = seed
+        self.isolate_numpy = isolate_numpy
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.dataset)
+
+    def _augment(self, image, epoch: int, index: int):
+        if self.transform is None:
+            return image
+        seed = sample_seed(self.seed, epoch, index)
+        generator = torch.default_generator
+        torch_state, py_state = generator.get_state(), random.getstate()
+        np_state = np.random.get_state() if self.isolate_numpy else None
+        try:
+            generator.manual_seed(seed)
+            random.seed(seed)
+            if np_state is not None:
+                np.random.seed(seed % (2 ** 32))
+            return self.transform(image)
+        finally:
+            generator.set_state(torch_state)
+            random.setstate(py_state)
+            if np_state is not None:
+                np.random.set_state(np_state)
+
+    def __getitems__(self, codes: List[int]) -> List[Tuple[torch.Tensor, int]]:
+        n = len(self.dataset)
+        pairs = [divmod(int(code), n) for code in codes]
+        rows = self.dataset[[index for _, index in pairs]]
+        return [(self._augment(image, epoch, index), int(label))
+                for (epoch, index), image, label in zip(pairs, rows['image'], rows['label'], strict=True)]
 
     def __getitem__(self, code: int) -> Tuple[torch.Tensor, int]:
-        epoch, index = divmod(int(code), len(self.base))
-        image, label = self.base[index]
-        if self.transform is None:
-            return image, label
-        seed = sample_seed(self.seed, epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                random.seed(seed)
-                np.random.seed(seed % (2 ** 32))
-                torch.manual_seed(seed)
-                image = self.transform(image)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        return image, label
+        return self.__getitems__([code])[0]
 
 
 def create_train_loader(
@@ -100,13 +124,14 @@ def create_train_loader(
         seed: int = 0,
         num_workers: int = 0,
         max_samples: Optional[int] = None,
+        isolate_numpy: bool = False,
 ) -> DataLoader:
     """Shuffled, full-batch training loader over ``dataset`` (``max_samples``: a fixed random subset)."""
     if max_samples is not None:
         indices = subset_indices(len(dataset), max_samples, seed)
         if len(indices) < len(dataset):
             dataset = dataset.select(indices.tolist())
-    images = SeededAugmentDataset(ImageClassificationDataset(dataset, None), transform, seed)
+    images = SeededAugmentDataset(dataset, transform, seed, isolate_numpy)
     # An own generator: creating an iterator draws the workers' base seed from it, not from the global RNG
     # (which a mid-epoch resume would otherwise see drawn once more than the uninterrupted run did).
     return DataLoader(images, batch_size=batch_size, sampler=EpochSampler(len(images), seed), drop_last=True,

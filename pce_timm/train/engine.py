@@ -88,7 +88,8 @@ def build_loaders(args: argparse.Namespace, data: DataBundle) -> Dict[str, torch
     loaders = {}
     if data.train is not None:
         loaders['train'] = create_train_loader(data.train, train_tf, args.batch_size, seed=args.seed,
-                                               num_workers=args.workers, max_samples=args.max_train_samples)
+                                               num_workers=args.workers, max_samples=args.max_train_samples,
+                                               isolate_numpy=bool(args.aa))
         loaders['train_sampler'] = loaders['train'].sampler
         if len(loaders['train']) == 0:
             raise ValueError(f'batch_size: {args.batch_size} is larger than the {len(loaders["train"].dataset)} '

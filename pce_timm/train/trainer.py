@@ -19,7 +19,7 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 import pce_timm
@@ -133,6 +133,10 @@ def _setup(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> RunC
     _check_output_dir(output_dir, resume_from)
     data = load_data(args)  # a missing / unreadable dataset stops here, before anything is built
     accelerator = build_accelerator(args, output_dir)
+    if accelerator.distributed_type == DistributedType.FSDP and any(p.ema_keys for p in args.phases):
+        raise RecipeError('phases: EMA key updates (routing: ema / keys: ema) are not supported under FSDP (the '
+                          'keys are sharded); accepted under FSDP: routing positional, uniform or router with '
+                          'keys learnable / frozen')
     set_seed(args.seed)
     model, frozen_norms = model_fn(args, data) if model_fn else (create_train_model(args, data), [])
     frozen_norms = list(frozen_norms) + freeze_parts(model, args.freeze or [])

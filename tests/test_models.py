@@ -1,0 +1,213 @@
+"""The pce_* models: features vs intermediates, routing records, dense equivalence and upcycling, CIFAR stem,
+model args round trip, argument errors, torch.compile / torch.export, torch.hub.
+
+timm's own test-suite runs on every pce_* model separately (tools/timm_conformance); these tests cover what
+is particular to PCE. Inputs are small (64 px) to keep the file fast on a CPU.
+"""
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.models import save_for_hf
+from timm.models._manipulate import group_parameters
+
+from pce_timm.layers import PCEConv2d
+from pce_timm.models import PCE_HUB_ORG, checkpoint_filter_fn, hub_id, upcycle_dense_state_dict
+
+PCE_MODELS = timm.list_models('pce_*')
+RESNET_MODELS = timm.list_models('pce_resnet*')
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dense_name(pce_name: str) -> str:
+    """The timm ResNet of the same widths: pce_resnet18_e8 -> resnet18."""
+    return pce_name[len('pce_'):].split('_')[0]
+
+
+def _randomize_norms(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affines, so eval outputs depend on every norm being mapped right."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            c = module.num_features
+            module.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(c, generator=generator) - 0.5)
+            module.running_mean.copy_(torch.rand(c, generator=generator) * 0.2 - 0.1)
+            module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+
+
+def _pce_layers(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PCEConv2d)]
+
+
+def test_registry():
+    assert set(PCE_MODELS) == {
+        'pce_resnet18', 'pce_resnet34', 'pce_resnet50', 'pce_resnet18_e8', 'pce_resnet34_e8', 'pce_resnet50_e8',
+        'pce_vit_hybrid_small_r18', 'pce_vit_hybrid_base_r50'}
+    assert timm.list_pretrained('pce_*') == []  # no weights published yet: no tag may claim some
+    for name in PCE_MODELS:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert not cfg.has_weights and cfg.license and cfg.first_conv and cfg.classifier
+    assert hub_id('pce_resnet18.fmnist') == f'{PCE_HUB_ORG}/pce_resnet18.fmnist'
+
+
+@pytest.mark.parametrize('model_name', PCE_MODELS)
+def test_features_match_intermediates_and_routing_is_recorded(model_name):
+    torch.manual_seed(0)
+    model = timm.create_model(model_name).eval()
+    features = timm.create_model(model_name, features_only=True).eval()
+    result = features.model.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys  # the features model is the model, minus what features_only prunes
+
+    x = torch.randn(2, 3, 64, 64)
+    input_sizes = {}
+    layers = _pce_layers(model)
+    assert layers, f'{model_name} has no PCE layer'
+    for name, layer in layers:
+        layer.register_forward_pre_hook(lambda m, args, name=name: input_sizes.__setitem__(name, args[0].shape[-2:]))
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=features.out_indices, intermediates_only=True)
+        actual = features(x)
+    assert len(actual) == len(expected) == len(features.feature_info.channels())
+    for a, e, c in zip(actual, expected, features.feature_info.channels(), strict=True):
+        assert a.shape[1] == c
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+    for name, layer in layers:  # every layer's routing is on the module, over its own patch grid
+        (h, w), (ph, pw) = input_sizes[name], layer.patch_size
+        grid = (math.ceil(h / ph), math.ceil(w / pw))
+        assert layer.last_grid_size == grid, name
+        assert layer.last_expert_indices.shape == (2, grid[0] * grid[1], layer.top_k), name
+        assert layer.last_router_logits.shape == (2, grid[0] * grid[1], layer.num_experts), name
+        stats = layer.routing_stats()
+        assert stats['usage_counts'].sum() == 2 * grid[0] * grid[1]
+
+
+@pytest.mark.parametrize('model_name', RESNET_MODELS)
+def test_one_uniform_expert_is_the_dense_resnet(model_name):
+    torch.manual_seed(0)
+    dense = timm.create_model(_dense_name(model_name)).eval()
+    model = timm.create_model(model_name, num_experts=1, router='uniform').eval()
+    _randomize_norms(dense)
+    dense_params = dict(dense.named_parameters())
+    pce_params = dict(model.named_parameters())
+    assert len(pce_params) == len(dense_params)
+    assert sum(p.numel() for p in pce_params.values()) == sum(p.numel() for p in dense_params.values())
+
+    state_dict = checkpoint_filter_fn(dense.state_dict(), model)
+    assert set(state_dict) == set(model.state_dict())
+    for key, value in model.state_dict().items():  # one-to-one, the experts' weight has a leading E = 1
+        assert state_dict[key].shape == value.shape, key
+    model.load_state_dict(state_dict)  # strict: no missing, no unexpected keys
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('model_name,top_k', [('pce_resnet18_e8', 1), ('pce_resnet18_e8', None), ('pce_resnet50', 1)])
+def test_upcycled_identical_experts_equal_the_dense_resnet(model_name, top_k):
+    """With E copies of the dense conv and no mix conv, routing cannot change the output."""
+    torch.manual_seed(0)
+    dense = timm.create_model(_dense_name(model_name)).eval()
+    _randomize_norms(dense)
+    model = timm.create_model(model_name, pce_stages=(0, 1, 2, 3), top_k=top_k).eval()
+    model.load_state_dict(checkpoint_filter_fn(dense.state_dict(), model))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-4)
+    assert any(len(layer.last_expert_indices.unique()) > 1 for _, layer in _pce_layers(model))  # routing varied
+
+    key = 'layer3.0.conv1.experts.weight' if 'resnet18' in model_name else 'layer3.0.conv2.experts.weight'
+    noisy = upcycle_dense_state_dict(dense.state_dict(), model, noise_std=0.01, seed=3)[key]
+    again = upcycle_dense_state_dict(dense.state_dict(), model, noise_std=0.01, seed=3)[key]
+    torch.testing.assert_close(noisy, again, rtol=0, atol=0)  # deterministic
+    assert torch.equal(noisy[0], model.state_dict()[key][0]) and not torch.equal(noisy[0], noisy[1])
+
+
+@pytest.mark.parametrize('size', [28, 32])
+def test_cifar_stem(size):
+    model = timm.create_model('pce_resnet18', stem_type='cifar', in_chans=1, num_classes=10).eval()
+    assert isinstance(model.maxpool, nn.Identity) and model.conv1.kernel_size == (3, 3)
+    assert model.feature_info[-1]['reduction'] == 8
+    x = torch.randn(2, 1, size, size)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+        final, intermediates = model.forward_intermediates(x)
+    assert [f.shape[-1] for f in intermediates] == [math.ceil(size / r) for r in (1, 1, 2, 4, 8)]
+    assert model.layer3[1].conv1.last_grid_size == (math.ceil(size / 8), math.ceil(size / 8))
+
+
+@pytest.mark.parametrize('model_name', ['pce_resnet18', 'pce_vit_hybrid_small_r18'])
+def test_model_args_round_trip(model_name, tmp_path):
+    args = dict(num_experts=3, top_k=None, pce_stages=(1, 2), patch_size=4, attention=True, num_classes=7)
+    model = timm.create_model(model_name, **args).eval()
+    save_for_hf(model, tmp_path)
+    rebuilt = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert all(layer.num_experts == 3 and layer.soft for _, layer in _pce_layers(rebuilt))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+
+
+@pytest.mark.parametrize('model_name', PCE_MODELS)
+def test_unknown_kwarg_raises_type_error(model_name):
+    with pytest.raises(TypeError):
+        timm.create_model(model_name, device='meta', not_a_model_arg=1)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(pce_stages=(4,)), 'pce_stages'),
+    (dict(patch_size=(8, 4)), 'patch_size'),
+    (dict(stem_type='tiny'), 'stem_type'),
+    (dict(pce_kwargs=dict(num_experts=2)), 'pce_kwargs'),
+    (dict(top_k=5), 'top_k'),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('pce_resnet18', device='meta', **kwargs)
+
+
+def test_param_groups_and_no_weight_decay():
+    model = timm.create_model('pce_resnet18', device='meta')
+    router_keys = {n for n, _ in model.named_parameters() if n.endswith('router.keys')}
+    assert model.no_weight_decay() == router_keys and len(router_keys) == 4
+    groups = group_parameters(model, model.group_matcher(), reverse=True)
+    group_of = {name: group for group, names in groups.items() for name in names}
+    assert group_of['layer3.0.conv1.router.keys'] == group_of['layer3.0.conv1.experts.weight']
+    assert group_of['layer3.0.conv1.embed.proj.weight'] == group_of['layer3.0.conv2.weight']
+    vit = timm.create_model('pce_vit_hybrid_small_r18', device='meta')
+    assert {n for n in vit.no_weight_decay() if n.endswith('router.keys')} == {
+        n for n, _ in vit.named_parameters() if n.endswith('router.keys')}
+
+
+def test_compile_and_export_pce_resnet18():
+    model = timm.create_model('pce_resnet18', num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), expected)
+
+
+@pytest.mark.slow
+def test_compile_inductor_pce_resnet18():
+    model = timm.create_model('pce_resnet18', num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_hub_load():
+    model = torch.hub.load(str(REPO_ROOT), 'pce_resnet18', source='local', pretrained=False, num_classes=10)
+    assert type(model).__name__ == 'PCEResNet' and model.num_classes == 10
+    hubconf = torch.hub._import_module('hubconf', str(REPO_ROOT / 'hubconf.py'))
+    assert hubconf.dependencies == ['torch', 'timm', 'safetensors']
+    assert all(callable(getattr(hubconf, name)) for name in PCE_MODELS)
