@@ -39,6 +39,13 @@ def _randomize_norms(model: nn.Module, seed: int = 0) -> None:
             module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
 
 
+def _assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 summation order: errors are measured against the output's scale (randomised norms
+    make ResNet-50's logits reach ~1e3, where another conv algorithm moves the last digits)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+
+
 def _pce_layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, PCEConv2d)]
 
@@ -104,7 +111,7 @@ def test_one_uniform_expert_is_the_dense_resnet(model_name):
     model.load_state_dict(state_dict)  # strict: no missing, no unexpected keys
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-4)
+        _assert_close_to_scale(model(x), dense(x))
 
 
 @pytest.mark.parametrize('model_name,top_k', [('pce_resnet18_e8', 1), ('pce_resnet18_e8', None), ('pce_resnet50', 1)])
@@ -117,7 +124,7 @@ def test_upcycled_identical_experts_equal_the_dense_resnet(model_name, top_k):
     model.load_state_dict(checkpoint_filter_fn(dense.state_dict(), model))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-4)
+        _assert_close_to_scale(model(x), dense(x))
     assert any(len(layer.last_expert_indices.unique()) > 1 for _, layer in _pce_layers(model))  # routing varied
 
     key = 'layer3.0.conv1.experts.weight' if 'resnet18' in model_name else 'layer3.0.conv2.experts.weight'
@@ -142,7 +149,7 @@ def test_cifar_stem(size):
 
 @pytest.mark.parametrize('model_name', ['pce_resnet18', 'pce_vit_hybrid_small_r18'])
 def test_model_args_round_trip(model_name, tmp_path):
-    args = dict(num_experts=3, top_k=None, pce_stages=(1, 2), patch_size=4, attention=True, num_classes=7)
+    args = dict(num_experts=3, top_k='soft', pce_stages=(1, 2), patch_size=4, attention=True, num_classes=7)
     model = timm.create_model(model_name, **args).eval()
     save_for_hf(model, tmp_path)
     rebuilt = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
@@ -175,8 +182,7 @@ def test_param_groups_and_no_weight_decay():
     model = timm.create_model('pce_resnet18', device='meta')
     router_keys = {n for n, _ in model.named_parameters() if n.endswith('router.keys')}
     assert model.no_weight_decay() == router_keys and len(router_keys) == 4
-    groups = group_parameters(model, model.group_matcher(), reverse=True)
-    group_of = {name: group for group, names in groups.items() for name in names}
+    group_of = group_parameters(model, model.group_matcher(), reverse=True)  # reverse: name -> group id
     assert group_of['layer3.0.conv1.router.keys'] == group_of['layer3.0.conv1.experts.weight']
     assert group_of['layer3.0.conv1.embed.proj.weight'] == group_of['layer3.0.conv2.weight']
     vit = timm.create_model('pce_vit_hybrid_small_r18', device='meta')

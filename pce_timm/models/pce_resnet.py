@@ -39,6 +39,7 @@ from pce_timm.layers import PCEConv2d
 __all__ = ['PCEResNet', 'PCEBasicBlock', 'PCEBottleneck', 'upcycle_dense_state_dict', 'checkpoint_filter_fn']
 
 STEM_TYPES = ('', 'deep', 'deep_tiered', 'cifar')
+SOFT = 'soft'  # top_k value for soft routing over all experts (None does not survive timm.create_model)
 
 # Arguments that define a PCE-ResNet's architecture beyond its depth; recorded as the model's model_args
 # (saved with timm's save_for_hf / push_to_hf_hub) so a saved model rebuilds exactly.
@@ -244,7 +245,7 @@ class PCEResNet(ResNet):
             drop_block_rate: float = 0.0,
             zero_init_last: bool = True,
             num_experts: int = 4,
-            top_k: Optional[int] = 1,
+            top_k: Union[int, str, None] = 1,
             router: str = 'cosine',
             pce_stages: Sequence[int] = (2, 3),
             patch_size: Union[int, Sequence[int]] = (8, 4, 2, 2),
@@ -266,7 +267,8 @@ class PCEResNet(ResNet):
             stem_type: timm's '' (7x7 conv + max-pool), 'deep', 'deep_tiered', or 'cifar': a 3x3 stride-1
                 conv and no max-pool, for 28-32 px inputs (the network's stride drops from 32 to 8).
             num_experts: experts per PCE layer.
-            top_k: experts per patch; None routes softly over all experts.
+            top_k: experts per patch; 'soft' (or None) routes softly over all experts. Pass 'soft' through
+                ``timm.create_model``, which drops None-valued kwargs.
             router: the PCE layers' router ('cosine', 'mlp', 'positional', 'uniform').
             pce_stages: indices (0-3) of the stages built from PCE blocks.
             patch_size: routing patch size in pixels of each stage's output map; an int or one per stage.
@@ -292,7 +294,7 @@ class PCEResNet(ResNet):
         if repeated:
             raise ValueError(f'pce_kwargs must not repeat arguments PCEResNet sets, got {repeated}')
 
-        pce_args = dict(num_experts=num_experts, top_k=top_k, router=router, embed_chs=embed_chs,
+        pce_args = dict(num_experts=num_experts, top_k=_layer_top_k(top_k), router=router, embed_chs=embed_chs,
                         capacity_factor=capacity_factor, gumbel_tau=gumbel_tau, mix_conv=mix_conv, **pce_kwargs)
         dense_block, pce_block = BLOCKS[block]
         block_fns = tuple(
@@ -413,10 +415,25 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return upcycle_dense_state_dict(state_dict, model) if is_dense else state_dict
 
 
+def _layer_top_k(top_k: Union[int, str, None]) -> Optional[int]:
+    """The model's ``top_k`` as PCEConv2d takes it: 'soft' / None -> None (soft routing), else the int."""
+    if top_k is None or top_k == SOFT:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise ValueError(f"top_k must be an int >= 1 or {SOFT!r} (soft routing over all experts), got {top_k!r}")
+    return top_k
+
+
 def pce_arch_args(**kwargs: Any) -> Dict[str, Any]:
-    """The :data:`PCE_ARCH_ARGS` of a PCE-ResNet built with ``kwargs`` (PCEResNet's defaults for the others)."""
+    """The :data:`PCE_ARCH_ARGS` of a PCE-ResNet built with ``kwargs`` (PCEResNet's defaults for the others).
+
+    Soft routing is recorded as ``top_k='soft'``: timm drops None-valued kwargs when it rebuilds a saved model.
+    """
     params = inspect.signature(PCEResNet.__init__).parameters
-    return {name: kwargs.get(name, params[name].default) for name in PCE_ARCH_ARGS}
+    args = {name: kwargs.get(name, params[name].default) for name in PCE_ARCH_ARGS}
+    if args['top_k'] is None:
+        args['top_k'] = SOFT
+    return args
 
 
 def _create_pce_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> PCEResNet:

@@ -323,8 +323,6 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
 def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The ``timm.create_model`` kwargs set in ``args`` (unset ones are left to the model's defaults)."""
     kwargs = {key: getattr(args, key) for key in MODEL_KWARGS if getattr(args, key, None) is not None}
-    if kwargs.get('top_k') == 'soft':
-        kwargs['top_k'] = None  # the model's "route softly" value
     if 'pce_stages' in kwargs:
         kwargs['pce_stages'] = tuple(kwargs['pce_stages'])
     kwargs.update(args.model_kwargs or {})
