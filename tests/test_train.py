@@ -112,8 +112,10 @@ def test_recipe_sets_defaults_and_cli_wins(tmp_path):
     assert args.pce_stages == [1, 2] and args.model_kwargs == {'channels': [8, 16, 32, 64], 'stem_width': 8}
     assert [p.name for p in args.phases] == ['stabilise', 'router', 'attention']
     assert model_kwargs(args)['pce_stages'] == (1, 2)
-    assert tiny_args(tmp_path, top_k='soft').top_k == 'soft' and model_kwargs(tiny_args(tmp_path, top_k='soft'))[
-        'top_k'] is None
+    soft = tiny_args(tmp_path, top_k='soft')
+    model = timm.create_model(soft.model, **model_kwargs(soft))  # 'soft' survives create_model (None would not)
+    soft_flags = [m.soft for m in model.modules() if hasattr(m, 'soft')]
+    assert soft_flags and all(soft_flags)
 
 
 def test_phase_layout_and_trainable_groups():
