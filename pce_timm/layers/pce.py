@@ -28,7 +28,14 @@ from .embed import PatchEmbedSPP
 from .experts import ConvExperts
 from .gather import gather_rows, gather_windows
 from .patches import grid_size, halo, patch_positions, pixel_patch_index, window_index
-from .routers import ROUTERS, create_router, positional_logits, router_needs_embeddings, uniform_logits
+from .routers import (
+    ROUTERS,
+    create_router,
+    fill_missing_buffer,
+    positional_logits,
+    router_needs_embeddings,
+    uniform_logits,
+)
 from .routing_stats import dead_experts, imbalance, mean_router_entropy, usage_counts, usage_entropy
 
 ROUTING_MODES = ('router', 'positional', 'uniform')
@@ -141,6 +148,10 @@ class PCEConv2d(nn.Module):
         self.mix = nn.Conv2d(out_chs, out_chs, 1) if mix_conv else nn.Identity()
         self.attn = DeformableAttention2d(out_chs, num_heads=attn_heads) if attention else None
         self.register_buffer('attn_gate', torch.ones(()), persistent=False)
+        # Added to every expert's router logit whatever produces the logits. Zero unless expert surgery
+        # duplicated an expert under soft routing: both copies get log(1/2), so they split the original's
+        # probability and the layer's output is unchanged (see pce_timm.analysis.surgery).
+        self.register_buffer('logit_bias', torch.zeros(num_experts))
 
         self.last_router_logits = None
         self.last_routing_weights = None
@@ -183,7 +194,7 @@ class PCEConv2d(nn.Module):
             embeddings = self.embed(x, self.patch_size)
         else:
             embeddings = x.new_zeros(b, n, 0)
-        router_logits = self._router_logits(embeddings, positions)  # [b, n, e]
+        router_logits = self._router_logits(embeddings, positions) + self.logit_bias.float()  # [b, n, e]
         _, expert_indices, routing_weights = route(
             router_logits.reshape(b * n, self.num_experts), self.top_k, self.gumbel_tau, self.training)
         if self.soft:
@@ -328,6 +339,10 @@ class PCEConv2d(nn.Module):
         else:
             out = (gathered * pixel_weight.unsqueeze(-1)).sum(0)
         return out.view(b, ho, wo, o).permute(0, 3, 1, 2)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fill_missing_buffer(self, state_dict, prefix, 'logit_bias')  # checkpoints from before the buffer
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.jit.unused
     def routing_stats(self) -> Dict[str, object]:

@@ -6,7 +6,7 @@ and does nothing else: probabilities, top-k, Gumbel sampling and dispatch live i
 Shape legend: b batch, n patches, d embedding dim, e experts, m embeddings used to fit keys.
 """
 import math
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -35,20 +35,32 @@ def expert_anchors(num_experts: int, device: torch.device) -> torch.Tensor:
     return torch.stack([x, y], dim=1)
 
 
+def fill_missing_buffer(module: nn.Module, state_dict: Dict[str, torch.Tensor], prefix: str, name: str) -> None:
+    """Give a state dict that predates buffer ``name`` the module's current (default) value, in place.
+
+    For ``_load_from_state_dict`` overrides: checkpoints saved before a buffer was added still load strictly.
+    """
+    if prefix + name not in state_dict:
+        state_dict[prefix + name] = getattr(module, name).detach().clone()
+
+
 def positional_logits(
         positions: torch.Tensor,
         batch_size: int,
         num_experts: int,
         noise_std: float,
         training: bool,
+        anchors: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Logits that prefer the expert whose anchor is nearest to the patch: -squared distance x 8 (+ noise).
 
     The scale 8 makes a patch at an anchor choose it with high probability; ``noise_std`` (training only)
     lets patches near a boundary visit the neighbouring experts, which keeps every expert in training.
+    ``anchors`` [e, 2] replaces the default grid of :func:`expert_anchors` (e.g. after expert surgery).
     """
-    anchors = expert_anchors(num_experts, positions.device)
-    logits = -8.0 * (positions.float().unsqueeze(1) - anchors.unsqueeze(0)).pow(2).sum(-1)
+    if anchors is None:
+        anchors = expert_anchors(num_experts, positions.device)
+    logits = -8.0 * (positions.float().unsqueeze(1) - anchors.float().unsqueeze(0)).pow(2).sum(-1)
     logits = logits.unsqueeze(0).expand(batch_size, -1, -1)
     if training and noise_std > 0:
         logits = logits + noise_std * torch.randn_like(logits)
@@ -138,7 +150,12 @@ class MLPRouter(nn.Module):
 
 
 class PositionalRouter(nn.Module):
-    """Route by patch position only (see :func:`positional_logits`), with controlled noise while training."""
+    """Route by patch position only (see :func:`positional_logits`), with controlled noise while training.
+
+    The experts' home positions are a buffer, ``anchors`` [e, 2] (the :func:`expert_anchors` grid at first), so
+    that expert surgery can remove or duplicate experts and keep where the others work; checkpoints saved
+    before the buffer existed load with the default grid.
+    """
 
     def __init__(self, num_experts: int, noise_std: float = 1.0):
         super().__init__()
@@ -146,9 +163,15 @@ class PositionalRouter(nn.Module):
             raise ValueError(f'noise_std must be >= 0, got {noise_std}')
         self.num_experts = num_experts
         self.noise_std = noise_std
+        self.register_buffer('anchors', expert_anchors(num_experts, torch.device('cpu')))
 
     def forward(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return positional_logits(positions, embeddings.shape[0], self.num_experts, self.noise_std, self.training)
+        return positional_logits(positions, embeddings.shape[0], self.num_experts, self.noise_std, self.training,
+                                 anchors=self.anchors)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fill_missing_buffer(self, state_dict, prefix, 'anchors')
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class UniformRouter(nn.Module):
