@@ -3,7 +3,8 @@
 
     python scripts/benchmark.py                      # layer table at B=32, C=64, 32x32, patch 8, k=3
     python scripts/benchmark.py --rounds 20 --json bench.json
-    python scripts/benchmark.py --section models     # PCE models next to timm's dense models
+    python scripts/benchmark.py --section models     # PCE models next to timm's dense models, 224 px, b32
+    python scripts/benchmark.py --section models --models pce_resnet18_e8 --model-rounds 5
 
 Ratios are measured in this run (interleaved rounds, medians), never compared across runs.
 """
@@ -25,9 +26,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--patch-size', type=int, default=8)
     parser.add_argument('--kernel-size', type=int, default=3)
     parser.add_argument('--rounds', type=int, default=10, help='timed rounds per case (median is reported)')
+    parser.add_argument('--models', nargs='+', default=None,
+                        help='models section: pce_* models (and efficientnet_cc_b0_*) to time next to their dense '
+                             'baselines (default: every PCE-ResNet, pce_vit_hybrid_small_r18, efficientnet_cc_b0_4e)')
+    parser.add_argument('--model-size', type=int, default=224, help='models section: input height = width')
+    parser.add_argument('--model-batch-size', type=int, default=32)
+    parser.add_argument('--model-rounds', type=int, default=3, help='models section: timed rounds per model')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
     parser.add_argument('--json', metavar='PATH', help='also write the results as JSON')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ('batch_size', 'channels', 'size', 'patch_size', 'kernel_size', 'rounds', 'model_size',
+                 'model_batch_size', 'model_rounds'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    return args
 
 
 def run_layers(args: argparse.Namespace) -> dict:

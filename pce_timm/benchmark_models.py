@@ -1,0 +1,124 @@
+"""Model section of ``scripts/benchmark.py``: PCE models next to dense timm models, measured in one run.
+
+Each PCE model is compared with its dense counterpart, timed in the same interleaved rounds:
+
+- ``pce_resnet{18,34,50}[_e8]`` -> timm's ``resnet{18,34,50}`` (the same widths and depths);
+- ``pce_vit_hybrid_*`` -> the same hybrid built with ``pce_stages=()`` (its backbone all dense convs);
+- timm's CondConv mixture of experts ``efficientnet_cc_b0_4e`` -> ``efficientnet_b0``, as a reference point
+  for what another conv-MoE costs over its dense model.
+
+Throughput is images per second (batch / median time), forward in eval mode without gradients and one
+training step (forward + backward) in train mode. MACs are counted with ``torch.utils.flop_counter`` (convs,
+matmuls: the ops that cost; gathers and element-wise ops are not counted) for one image, in eval mode.
+"""
+import argparse
+from typing import Dict, List, Optional
+
+import timm
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import pce_timm  # noqa: F401  (registers the pce_* models)
+
+from .benchmark import Case, time_cases
+
+__all__ = ['DEFAULT_MODELS', 'baseline_of', 'count_gmacs', 'model_cases', 'model_goals', 'run_models']
+
+DEFAULT_MODELS = (
+    'pce_resnet18', 'pce_resnet18_e8', 'pce_resnet34', 'pce_resnet34_e8', 'pce_resnet50', 'pce_resnet50_e8',
+    'pce_vit_hybrid_small_r18', 'efficientnet_cc_b0_4e',
+)
+DENSE_TWIN = 'dense twin'  # a PCE model rebuilt with pce_stages=()
+
+
+def baseline_of(name: str) -> str:
+    """The dense model ``name`` is compared with (see the module docstring)."""
+    if name.startswith('pce_resnet'):
+        return name[len('pce_'):].split('_')[0]
+    if name.startswith('pce_'):
+        return f'{name} ({DENSE_TWIN})'
+    if name.startswith('efficientnet_cc_b0'):
+        return 'efficientnet_b0'
+    raise ValueError(f'no dense baseline known for {name!r}; accepted: pce_* models and efficientnet_cc_b0_*')
+
+
+def _create(name: str) -> nn.Module:
+    if name.endswith(f' ({DENSE_TWIN})'):
+        return timm.create_model(name.split(' ')[0], pce_stages=())
+    return timm.create_model(name)
+
+
+def count_gmacs(model: nn.Module, input_size: int, in_chans: int = 3) -> float:
+    """Multiply-accumulates (in billions) of one eval forward of one image."""
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, in_chans, input_size, input_size))
+    return counter.get_total_flops() / 2e9
+
+
+def model_cases(names: List[str]) -> List[Case]:
+    """One case per model and per distinct baseline, each baseline right before the models that use it."""
+    cases, seen = [], set()
+    for name in names:
+        for case_name, role in ((baseline_of(name), 'dense'), (name, 'pce' if name.startswith('pce_') else 'moe')):
+            if case_name not in seen:
+                seen.add(case_name)
+                cases.append(Case(case_name, lambda n=case_name: _create(n), {'role': role}))
+    return cases
+
+
+def model_goals(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Issue 3's throughput goals for pce_resnet18_e8 (E=8, top-1) against resnet18."""
+    by_name = {row['model']: row for row in rows}
+    row = by_name.get('pce_resnet18_e8')
+    goals = []
+    for label, key, limit in (('pce_resnet18_e8 train throughput / resnet18', 'train_x', 0.8),
+                              ('pce_resnet18_e8 inference throughput / resnet18', 'infer_x', 0.85)):
+        value = row[key] if row else float('nan')
+        goals.append({'goal': label, 'value': round(value, 3), 'limit': limit, 'ok': bool(row) and value >= limit})
+    return goals
+
+
+def format_model_table(rows: List[Dict[str, object]]) -> str:
+    header = ['model', 'vs', 'params (M)', 'GMACs', 'infer img/s', 'infer x', 'train img/s', 'train x']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for r in rows:
+        ratio = (lambda v: f'{v:.2f}') if r['baseline'] else (lambda v: '')
+        lines.append('| ' + ' | '.join([
+            r['model'], r['baseline'] or '-', f"{r['params_m']:.2f}", f"{r['gmacs']:.2f}",
+            f"{r['infer_img_s']:.1f}", ratio(r['infer_x']), f"{r['train_img_s']:.1f}", ratio(r['train_x'])]) + ' |')
+    return '\n'.join(lines)
+
+
+def run_models(args: argparse.Namespace, names: Optional[List[str]] = None) -> Dict[str, object]:
+    """Time ``names`` (default: ``args.models`` or :data:`DEFAULT_MODELS`) and their baselines; print a table."""
+    names = list(names or getattr(args, 'models', None) or DEFAULT_MODELS)
+    size, batch = args.model_size, args.model_batch_size
+    torch.manual_seed(0)
+    cases = model_cases(names)
+    timings = time_cases(cases, lambda: torch.randn(batch, 3, size, size), rounds=args.model_rounds, warmup=1,
+                         desc='models')
+    by_name = {t.name: t for t in timings}
+    rows = []
+    for case, timing in zip(cases, timings, strict=True):
+        model = case.build()
+        base = None if case.info['role'] == 'dense' else by_name[baseline_of(case.name)]
+        rows.append({
+            'model': case.name, 'baseline': base.name if base else None,
+            'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+            'gmacs': count_gmacs(model, size),
+            'infer_img_s': batch * 1e3 / timing.forward_ms, 'train_img_s': batch * 1e3 / timing.train_ms,
+            'infer_x': base.forward_ms / timing.forward_ms if base else 1.0,
+            'train_x': base.train_ms / timing.train_ms if base else 1.0,
+        })
+    goals = model_goals(rows)
+    print(f'\nModels: batch {batch}, {size}x{size} px, {torch.get_num_threads()} threads, median of '
+          f'{args.model_rounds} interleaved rounds; x = throughput / the dense baseline in "vs" (higher is '
+          'better)\n')
+    print(format_model_table(rows))
+    print()
+    for goal in goals:
+        print(f"[{'OK ' if goal['ok'] else 'MISS'}] {goal['goal']}: {goal['value']} (at least {goal['limit']})")
+    return {'input_size': [batch, 3, size, size], 'rows': rows, 'goals': goals}
