@@ -25,7 +25,7 @@ by :func:`checkpoint_filter_fn`): every expert starts as a copy of the dense con
 import inspect
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ SOFT = 'soft'  # top_k value for soft routing over all experts (None does not su
 # (saved with timm's save_for_hf / push_to_hf_hub) so a saved model rebuilds exactly.
 PCE_ARCH_ARGS = (
     'stem_type', 'num_experts', 'top_k', 'router', 'pce_stages', 'patch_size', 'capacity_factor', 'embed_chs',
-    'attention', 'gumbel_tau', 'mix_conv', 'pce_kwargs',
+    'attention', 'gumbel_tau', 'mix_conv', 'pce_kwargs', 'expert_counts',
 )
 
 
@@ -255,6 +255,7 @@ class PCEResNet(ResNet):
             gumbel_tau: float = 0.0,
             mix_conv: Optional[bool] = False,
             pce_kwargs: Optional[Dict[str, Any]] = None,
+            expert_counts: Optional[Dict[str, int]] = None,
             device=None,
             dtype=None,
     ):
@@ -278,6 +279,9 @@ class PCEResNet(ResNet):
             gumbel_tau: > 0 samples routing from a Gumbel-softmax while training.
             mix_conv: the PCE layers' 1x1 mix after the experts (None: on when num_experts > 1).
             pce_kwargs: further PCEConv2d arguments (e.g. router_temperature, spp_levels).
+            expert_counts: PCE layer name (e.g. ``'layer3.0.conv1'``) -> its number of experts, for the layers
+                that differ from ``num_experts``. Expert surgery (:mod:`pce_timm.analysis.surgery`) records its
+                result here, so a saved pruned or reinforced model rebuilds with the right shapes.
         """
         if len(layers) != 4 or len(channels) != 4:
             raise ValueError(f'layers and channels must have 4 stages, got layers={layers!r}, channels={channels!r}')
@@ -294,12 +298,14 @@ class PCEResNet(ResNet):
         if repeated:
             raise ValueError(f'pce_kwargs must not repeat arguments PCEResNet sets, got {repeated}')
 
+        if mix_conv is None:  # decided once for the model, so a layer given another expert count keeps it
+            mix_conv = num_experts > 1
         pce_args = dict(num_experts=num_experts, top_k=_layer_top_k(top_k), router=router, embed_chs=embed_chs,
                         capacity_factor=capacity_factor, gumbel_tau=gumbel_tau, mix_conv=mix_conv, **pce_kwargs)
+        stage_args = {i: dict(pce_args, attention=attention and i == pce_stages[-1]) for i in pce_stages}
         dense_block, pce_block = BLOCKS[block]
         block_fns = tuple(
-            _stage_block(pce_block, patch_size=patch_sizes[i],
-                         pce_args=dict(pce_args, attention=attention and i == pce_stages[-1]))
+            _stage_block(pce_block, patch_size=patch_sizes[i], pce_args=stage_args[i])
             if i in pce_stages else dense_block
             for i in range(len(layers)))
         super().__init__(
@@ -310,6 +316,37 @@ class PCEResNet(ResNet):
         self.pce_stages = pce_stages
         if stem_type == 'cifar':
             self._use_cifar_stem(in_chans, device=device, dtype=dtype)
+        if expert_counts:
+            self._set_expert_counts(expert_counts, patch_sizes, stage_args, device=device, dtype=dtype)
+
+    def _set_expert_counts(
+            self,
+            expert_counts: Mapping[str, int],
+            patch_sizes: Tuple[int, ...],
+            stage_args: Dict[int, Dict[str, Any]],
+            device=None,
+            dtype=None,
+    ) -> None:
+        """Rebuild the named PCE layers with their own number of experts (freshly initialised)."""
+        if not isinstance(expert_counts, Mapping):
+            raise TypeError(f'expert_counts must map PCE layer names to ints, got {type(expert_counts).__name__}')
+        blocks = {f'{name}.{block.pce_name}': (name, block)
+                  for name, block in self.named_modules() if isinstance(block, PCE_BLOCKS)}
+        unknown = sorted(set(expert_counts) - set(blocks))
+        if unknown:
+            raise ValueError(f'expert_counts names unknown PCE layers {unknown}; accepted: {sorted(blocks)}')
+        least = stage_args[self.pce_stages[0]]['top_k'] or 1  # sparse routing needs top_k experts
+        for layer_name, count in expert_counts.items():
+            block_name, block = blocks[layer_name]
+            if isinstance(count, bool) or not isinstance(count, int) or count < least:
+                raise ValueError(f'expert_counts[{layer_name!r}] must be an int >= {least} (>= 1 and >= top_k), '
+                                 f'got {count!r}')
+            stage = int(block_name.split('.')[0][len('layer'):]) - 1  # timm's ResNet stages are layer1..layer4
+            old: PCEConv2d = getattr(block, block.pce_name)
+            layer = _create_pce_conv(old.in_chs, old.out_chs, old.stride, patch_sizes[stage],
+                                     dict(stage_args[stage], num_experts=count), device=device, dtype=dtype)
+            _init_experts(layer)
+            setattr(block, block.pce_name, layer)
 
     def _use_cifar_stem(self, in_chans: int, device=None, dtype=None) -> None:
         """Replace timm's 7x7 stride-2 stem and its max-pool by a 3x3 stride-1 conv (reductions / 4)."""
@@ -329,8 +366,7 @@ class PCEResNet(ResNet):
         for module in self.modules():
             if isinstance(module, PCEConv2d):
                 pce_owned.update(id(m) for m in module.modules())
-                for expert_weight in module.experts.weight:
-                    nn.init.kaiming_normal_(expert_weight, mode='fan_out', nonlinearity='relu')
+                _init_experts(module)
         for module in self.modules():
             if isinstance(module, nn.Conv2d) and id(module) not in pce_owned:
                 nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
@@ -347,6 +383,12 @@ class PCEResNet(ResNet):
         would only shrink its norm, which raises its effective learning rate step after step.
         """
         return {name for name, _ in self.named_parameters() if name.endswith('.router.keys')}
+
+
+def _init_experts(layer: PCEConv2d) -> None:
+    """Each expert initialised like the dense conv it replaces (timm's ResNet init)."""
+    for expert_weight in layer.experts.weight:
+        nn.init.kaiming_normal_(expert_weight, mode='fan_out', nonlinearity='relu')
 
 
 def upcycle_dense_state_dict(
