@@ -19,10 +19,15 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """``F.linear`` in float32, also under autocast: routing decisions should not flip with bf16 noise."""
     if bias is not None:
         bias = bias.float()
-    if torch.jit.is_scripting():
+    if torch.jit.is_scripting() or not _autocast_available(x.device.type):  # e.g. 'meta': no autocast there
         return F.linear(x.float(), weight.float(), bias)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return F.linear(x.float(), weight.float(), bias)
+
+
+@torch.jit.unused
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
 
 
 def expert_anchors(num_experts: int, device: torch.device) -> torch.Tensor:
