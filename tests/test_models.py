@@ -54,11 +54,15 @@ def test_registry():
     assert set(PCE_MODELS) == {
         'pce_resnet18', 'pce_resnet34', 'pce_resnet50', 'pce_resnet18_e8', 'pce_resnet34_e8', 'pce_resnet50_e8',
         'pce_vit_hybrid_small_r18', 'pce_vit_hybrid_base_r50'}
-    assert timm.list_pretrained('pce_*') == []  # no weights published yet: no tag may claim some
+    # the one tag with weights (made by `make release`); every bare name keeps its untrained default cfg
+    assert timm.list_pretrained('pce_*') == ['pce_resnet18.fmnist']
     for name in PCE_MODELS:
         cfg = timm.models.get_pretrained_cfg(name)
-        assert not cfg.has_weights and cfg.license and cfg.first_conv and cfg.classifier
-    assert hub_id('pce_resnet18.fmnist') == f'{PCE_HUB_ORG}/pce_resnet18.fmnist'
+        assert cfg.tag == 'untrained' and not cfg.has_weights and cfg.license and cfg.first_conv and cfg.classifier
+    fmnist = timm.models.get_pretrained_cfg('pce_resnet18.fmnist')
+    assert fmnist.hf_hub_id == hub_id('pce_resnet18.fmnist') == f'{PCE_HUB_ORG}/pce_resnet18.fmnist'
+    assert fmnist.num_classes == 10 and fmnist.input_size == (1, 28, 28) and len(fmnist.mean) == len(fmnist.std) == 1
+    assert len(fmnist.label_names) == 10 and fmnist.crop_pct == 1.0
 
 
 @pytest.mark.parametrize('model_name', PCE_MODELS)

@@ -23,6 +23,8 @@ from huggingface_hub.file_download import repo_folder_name
 from timm.models import get_pretrained_cfg, parse_model_name
 from timm.models._hub import hf_split
 
+from pce_timm.models._hub import PCE_HUB_ORG
+
 from .cache import hf_cache_dir
 from .release import CONFIG_NAME, WEIGHTS_NAME
 
@@ -94,6 +96,12 @@ def explain_missing_weights(
     lines += [
         'To get them:',
         f'  - with network access: unset HF_HUB_OFFLINE and run again, or `hf download {repo_id}`;',
+    ]
+    if repo_id.split('/')[0] == PCE_HUB_ORG:
+        lines.append(
+            '  - without network, train them here: `make release` in a pce_timm checkout (scripts/make_release.py '
+            'trains pce_timm\'s released models with their recipes and installs them into this HF cache);')
+    lines += [
         '  - without network, from a local training run: '
         f'`python scripts/push_to_hub.py RUN_DIR --repo-id {repo_id} --dry-run releases/{name} --install-cache`;',
         '  - from a release folder made elsewhere: '

@@ -21,6 +21,20 @@ Defaults of the zoo, and why:
 
 Dense timm ResNet weights load into a PCE-ResNet by upcycling (:func:`upcycle_dense_state_dict`, applied
 by :func:`checkpoint_filter_fn`): every expert starts as a copy of the dense conv it replaces.
+
+Pretrained tags whose weights are not the entrypoint's default architecture carry their own architecture
+args (:data:`TAG_ARCH_ARGS`), applied whenever the tag is requested, so ``timm.create_model('arch.tag',
+pretrained=True)`` builds the architecture the weights were trained with:
+
+- ``pce_resnet18.fmnist``: Fashion-MNIST (10 classes, 1x28x28 grayscale, normalised with the dataset's mean
+  0.2860 / std 0.3530), CIFAR stem (64 wide), stage widths (16, 32, 64, 128), PCE in stages 2 and 3 with
+  2x2 px patches, 4 experts, top-1 cosine routing, no attention. Trained by ``make release``
+  (scripts/make_release.py with scripts/configs/pce_resnet18_fmnist_release.yaml); weights on the Hub as
+  ``pce-timm/pce_resnet18.fmnist``.
+
+Other kwargs (``num_classes``, ``drop_path_rate``, ``features_only``, ...) pass through; an architecture kwarg
+that contradicts the tag's raises a ValueError (the weights could not fit). Use the bare name
+(``pce_resnet18``) to build other architectures.
 """
 import inspect
 from contextlib import nullcontext
@@ -34,7 +48,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._input import update_model_args
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from pce_timm.data.registry import FASHION_MNIST_CLASSES
 from pce_timm.layers import PCEConv2d
+
+from ._hub import hub_id
 
 __all__ = ['PCEResNet', 'PCEBasicBlock', 'PCEBottleneck', 'upcycle_dense_state_dict', 'checkpoint_filter_fn']
 
@@ -478,15 +495,102 @@ def pce_arch_args(**kwargs: Any) -> Dict[str, Any]:
     return args
 
 
+# Architecture args of pretrained tags, applied when the tag is requested: timm passes the tag to the entrypoint
+# as ``pretrained_cfg='<tag>'`` (and sets num_classes / in_chans from the tag's cfg). A kwarg the caller also
+# passes must agree (see _tag_arch_args). hf-hub: / local-dir: sources bring their own model_args instead.
+TAG_ARCH_ARGS: Dict[str, Dict[str, Any]] = {
+    'pce_resnet18.fmnist': dict(
+        stem_type='cifar', channels=(16, 32, 64, 128), pce_stages=(2, 3), patch_size=2,
+        num_experts=4, top_k=1, router='cosine', attention=False),
+}
+
+
+def _comparable_arch_value(key: str, value: Any, num_stages: int = 4) -> Any:
+    if key == 'patch_size' and isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * num_stages
+    if key == 'pce_stages' and isinstance(value, (list, tuple)):
+        return tuple(sorted(set(value)))
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _tag_arch_args(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The :data:`TAG_ARCH_ARGS` of the requested tag (``kwargs['pretrained_cfg']`` when it is a tag name).
+
+    Raises:
+        ValueError: a kwarg contradicts the tag's architecture (its weights would not fit).
+    """
+    tag = kwargs.get('pretrained_cfg')
+    if not isinstance(tag, str):
+        return {}  # None: the default tag; a cfg dict (hf-hub:, local-dir:) comes with its own model_args
+    name = f'{variant}.{tag}'
+    tag_args = TAG_ARCH_ARGS.get(name, {})
+    conflicts = [
+        f'{key}={kwargs[key]!r} (the tag has {value!r})' for key, value in tag_args.items()
+        if key in kwargs and _comparable_arch_value(key, kwargs[key]) != _comparable_arch_value(key, value)]
+    if conflicts:
+        raise ValueError(
+            f'{name} is a fixed architecture (its pretrained weights fit only it), but got {", ".join(conflicts)}. '
+            f'Drop these kwargs, or build {variant!r} without the tag to choose the architecture yourself.')
+    return dict(tag_args)
+
+
 def _create_pce_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> PCEResNet:
-    model = build_model_with_cfg(
-        PCEResNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter'),  # forward_intermediates: features come from the model's own code
-        **kwargs,
-    )
-    update_model_args(model, **pce_arch_args(**kwargs))
+    tag_args = _tag_arch_args(variant, kwargs)
+    kwargs = dict(kwargs, **tag_args)
+    try:
+        model = build_model_with_cfg(
+            PCEResNet, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(feature_cls='getter'),  # forward_intermediates: features come from the model's code
+            **kwargs,
+        )
+    except Exception as e:
+        if pretrained:
+            _explain_weights_error(variant, kwargs, e)
+        raise
+    update_model_args(model, **pce_arch_args(**kwargs), **{k: v for k, v in tag_args.items() if k not in PCE_ARCH_ARGS})
     return model
+
+
+def _explain_weights_error(variant: str, kwargs: Dict[str, Any], error: Exception) -> None:
+    """Re-raise a failed pretrained load with a message that says what is wrong and how to fix it.
+
+    Weights neither cached nor downloadable: :class:`~pce_timm.hub.MissingWeightsError` (which repo, where it
+    looked, how to get them: ``make release``). A cached file that is truncated, corrupt or does not fit the
+    architecture: :class:`~pce_timm.hub.ReleaseError` naming the file. Anything else propagates unchanged.
+    """
+    from pce_timm.hub.offline import _MISSING_ERRORS, MissingWeightsError, explain_missing_weights
+
+    tag = kwargs.get('pretrained_cfg')
+    name = f'{variant}.{tag}' if isinstance(tag, str) else variant
+    if isinstance(error, _MISSING_ERRORS):
+        missing = MissingWeightsError(explain_missing_weights(name, kwargs.get('cache_dir'), cause=error))
+        missing.cause = error  # the message names it; no chained traceback for what is a missing download
+        raise missing from None
+    path = _cached_weights_file(name, kwargs.get('cache_dir'))
+    if path is None:
+        return
+    from pce_timm.hub import ReleaseError, check_safetensors
+
+    check_safetensors(path)  # raises a ReleaseError naming the file if it is truncated or corrupt
+    raise ReleaseError(
+        f'{path}: the cached weights of {name!r} do not load into {variant!r} built for the tag '
+        f'({type(error).__name__}: {str(error).strip().splitlines()[0][:300]}). Delete the file and '
+        f'download it again, or rebuild the release with `make release --overwrite`.') from error
+
+
+def _cached_weights_file(name: str, cache_dir: Any) -> Optional[str]:
+    """The HF-cache path of ``name``'s Hub weights file, if it is cached."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    path = try_to_load_from_cache(cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors', cache_dir=cache_dir)
+    return path if isinstance(path, str) else None
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -500,9 +604,16 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
-# No weights are published yet: entries with weights get hf_hub_id=hub_id('<arch>.<tag>') (see ._hub).
+# The first tag of an architecture is its default: 'untrained' (ImageNet-shaped cfg, no weights). Tags with
+# weights get hf_hub_id=hub_id('<arch>.<tag>') (see ._hub) and, if needed, an entry in TAG_ARCH_ARGS; a '*'
+# keeps 'untrained' the default, so the bare name stays the ImageNet-shaped architecture.
 default_cfgs = generate_default_cfgs({
-    'pce_resnet18.untrained': _cfg(),
+    # Fashion-MNIST as pce_timm.data feeds it: 1 grayscale channel, 28 px, the dataset's mean / std, no crop.
+    'pce_resnet18.fmnist': _cfg(
+        hf_hub_id=hub_id('pce_resnet18.fmnist'), num_classes=10, input_size=(1, 28, 28), pool_size=(4, 4),
+        crop_pct=1.0, interpolation='bicubic', mean=(0.2860,), std=(0.3530,), label_names=FASHION_MNIST_CLASSES,
+        description='Fashion-MNIST classifier (pce_timm dataset fashion_mnist), trained by make release'),
+    'pce_resnet18.untrained*': _cfg(),  # '*' (and after .fmnist): stays the default tag
     'pce_resnet34.untrained': _cfg(),
     'pce_resnet50.untrained': _cfg(),
     'pce_resnet18_e8.untrained': _cfg(),
