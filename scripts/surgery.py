@@ -11,6 +11,9 @@
     python scripts/surgery.py --model runs/demo --dataset fashion_mnist --output-dir runs/demo-keep \\
         --keep layer3.0.conv1=0,2,3 --stats runs/demo/analysis/stats.json
 
+--noise-std 0 (the default) keeps the output of soft and top-1 layers exactly; under top-1 routing the two
+copies then tie and the copy gets no patches until they differ, so give top-1 models a small --noise-std.
+
 --model takes what scripts/analyze_routing.py takes. Usage (top-1 choices per expert) is counted on
 --usage-split (default train; routing only, no labels), or read from --stats. Pruning runs before
 reinforcement; --reinforce with no layer names reinforces every PCE layer. Top-1 accuracy before and after is

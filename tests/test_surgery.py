@@ -202,6 +202,8 @@ def test_rejects_bad_arguments():
         prune_experts(model, min_usage=0.1, usage={'layer3.0.conv1': [1, 1]})
     with pytest.raises(ValueError, match='exactly one of keep'):
         prune_experts(model)
+    with pytest.raises(ValueError, match='usage is only read with min_usage'):
+        prune_experts(model, keep={'layer3.0.conv1': [0, 1]}, usage={'layer3.0.conv1': [1, 1, 1, 1]})
     with pytest.raises(ValueError, match='needs usage'):
         reinforce_experts(model, 'all')
     with pytest.raises(ValueError, match='expert id in \\[0, 4\\)'):

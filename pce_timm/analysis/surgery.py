@@ -12,7 +12,7 @@ one. Every per-expert tensor follows the new index, so nothing else needs to kno
 The router's softmax (and top-k) then runs over the remaining experts: probabilities renormalise by
 themselves.
 
-What is exact (in eval mode, up to float rounding):
+What stays exact (in eval mode, up to float rounding), and what does not:
 
 - pruning experts the router gives no weight leaves the output unchanged: with top-k routing, experts never
   among a patch's k choices; with soft routing, experts of probability ~0 (a soft expert that is never the
@@ -24,7 +24,7 @@ What is exact (in eval mode, up to float rounding):
   of a patch's k choices, so the output changes (a warning says so);
 - sparse (top-k) layers give each expert ``ceil(capacity_factor * t * k / e)`` slots: with e changed, a
   layer whose experts overflow reroutes other patches than before. Exactness needs no overflow, e.g.
-  ``capacity_factor >= e``.
+  ``capacity_factor >= e``;
 - a patch whose best experts tie (e.g. equidistant from two positional anchors) goes to whichever
   ``torch.topk`` lists first, which may differ once e changes;
 - the uniform router has no per-expert entries: it spreads patches round-robin over however many experts
@@ -226,6 +226,8 @@ def prune_experts(
     if (keep is None) == (min_usage is None):
         raise ValueError('prune_experts: pass exactly one of keep (expert ids per layer) or min_usage (with usage)')
     if keep is not None:
+        if usage is not None:
+            raise ValueError('prune_experts: usage is only read with min_usage; with keep, drop it')
         if not isinstance(keep, Mapping):
             raise TypeError(f'keep must map PCE layer names to lists of expert ids, got {type(keep).__name__}')
         _check_layer_names(keep, layers, 'keep')
@@ -311,7 +313,9 @@ def reinforce_experts(
     """Duplicate one expert per chosen layer of a PCE-ResNet, in place: the copy becomes the last expert.
 
     With ``noise_std=0`` the output is unchanged for soft and top-1 routing (see the module docstring for why
-    and for top-k); the copies then only part ways through training. ``noise_std > 0`` starts them apart.
+    and for top-k). Soft-routed copies then part ways through training. Top-1-routed copies tie, and every
+    patch goes to the same one of them (``torch.topk``'s first) until they differ: ``noise_std > 0`` starts
+    them apart, so the pair shares the original's patches from the start (at the cost of an exact output).
 
     Args:
         model: a PCE-ResNet (``deepcopy`` it first to keep the original).
