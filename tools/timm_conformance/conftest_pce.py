@@ -18,6 +18,7 @@ import timm
 from timm.models import _registry
 
 import pce_timm  # noqa: F401  (registers the models)
+from pce_timm.hub import MissingWeightsError
 
 PATTERN = os.environ.get('PCE_FILTER', 'pce_*')
 NON_STD = [p for p in os.environ.get('PCE_NON_STD', 'pce_vit*').split(',') if p]
@@ -93,6 +94,19 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
     items[:] = keep
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A pretrained tag whose weights are neither cached nor downloadable skips timm's pretrained-loading tests.
+
+    The pce_* entrypoints raise pce_timm.hub.MissingWeightsError only then (`make release` installs the weights
+    into the HF cache; a broken or mismatched weights file still fails), so the suite stays green offline.
+    """
+    try:
+        return (yield)
+    except MissingWeightsError as e:
+        pytest.skip(f'pretrained weights not available here: {str(e).splitlines()[0]}')
 
 
 def pytest_runtest_logreport(report):
