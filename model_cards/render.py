@@ -34,6 +34,14 @@ it carries the command that produced it. Schema (``example.yaml`` is a complete,
               usage_entropy: {value: 0.98, command: ...}
               imbalance: {value: 1.07, command: ...}
         routing_figure: figures/pce_resnet18_in1k.png   # optional, relative to the YAML file
+        baseline:                       # optional: a dense model trained with the same recipe, for comparison
+          name: resnet18_dense_baseline-fmnist   # its release folder (not a Hub model)
+          summary: one line: what it is
+          params_m: {value: ..., command: ...}
+          gmacs: {value: ..., command: ...}
+          training: {command: ...}      # optional: recipe + time as in `training`
+          top1: {value: ..., command: ...}        # on the first result's dataset / split / image size
+          top5: {value: ..., command: ...}        # optional
 
 CLI::
 
@@ -62,8 +70,9 @@ ROUTING_LABELS = {
 
 _FAMILY_KEYS = {'family', 'title', 'description', 'license', 'hf_org', 'readme', 'tags', 'paper', 'models'}
 _MODEL_KEYS = {
-    'model', 'tag', 'repo_id', 'summary', 'params_m', 'gmacs', 'training', 'results', 'routing_figure'}
-_TRAINING_KEYS = {'dataset', 'dataset_name', 'recipe', 'command'}
+    'model', 'tag', 'repo_id', 'summary', 'params_m', 'gmacs', 'training', 'results', 'routing_figure', 'baseline'}
+_TRAINING_KEYS = {'dataset', 'dataset_name', 'recipe', 'command', 'time'}
+_BASELINE_KEYS = {'name', 'summary', 'params_m', 'gmacs', 'training', 'top1', 'top5', 'img_size'}
 _RESULT_KEYS = {'dataset', 'dataset_name', 'split', 'img_size', 'top1', 'top5', 'routing'}
 
 
@@ -90,6 +99,18 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """A dense model trained with the entry's recipe, measured on the entry's first result's split."""
+    name: str
+    summary: str
+    params_m: Measured
+    gmacs: Measured
+    top1: Measured
+    top5: Optional[Measured] = None
+    training: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """One released model + tag, with its family's shared fields."""
     family: Dict[str, Any]
@@ -103,6 +124,7 @@ class ModelEntry:
     results: Tuple[Result, ...]
     routing_figure: Optional[Path]
     source: Path
+    baseline: Optional[Baseline] = None
 
     @property
     def name(self) -> str:
@@ -167,7 +189,23 @@ def _model_entry(family: Dict[str, Any], item: Any, path: Path, where: str) -> M
         results=results,
         routing_figure=(path.parent / figure) if figure else None,
         source=path,
+        baseline=_baseline(item['baseline'], f'{where}.baseline') if 'baseline' in item else None,
     )
+
+
+def _baseline(item: Any, where: str) -> Baseline:
+    _check_keys(item, _BASELINE_KEYS, {'name', 'summary', 'params_m', 'gmacs', 'top1'}, where)
+    training = item.get('training') or {}
+    _check_keys(training, _TRAINING_KEYS, set(), f'{where}.training')
+    top1 = _measured(item['top1'], f'{where}.top1')
+    top5 = _measured(item['top5'], f'{where}.top5') if 'top5' in item else None
+    for label, m in (('top1', top1), ('top5', top5)):
+        if m is not None and not 0 <= m.value <= 100:
+            raise CardDataError(f'{where}.{label}: accuracy is in percent (0-100); got {m.value}.')
+    return Baseline(
+        name=str(item['name']), summary=str(item['summary']).strip(),
+        params_m=_measured(item['params_m'], f'{where}.params_m'), gmacs=_measured(item['gmacs'], f'{where}.gmacs'),
+        top1=top1, top5=top5, training={k: str(v).strip() for k, v in training.items()})
 
 
 def _result(item: Any, where: str) -> Result:
@@ -277,11 +315,15 @@ def _card_sections(entry: ModelEntry) -> List[str]:
     if paper:
         lines.append(f'- **Paper:** [{paper["title"]}]({paper["url"]})')
     lines += ['', '## Model Usage', '', *_usage(entry), '', '## Results', '', *_results_table(entry)]
+    if entry.baseline is not None:
+        lines += ['', '### Dense baseline, same recipe', '', *_baseline_table(entry)]
     if any(r.routing for r in entry.results):
         lines += ['', '## Routing Statistics', '', *_routing_table(entry)]
     if entry.routing_figure is not None:
         lines += ['', f'![Routing map of {entry.name}](figures/{entry.routing_figure.name})']
     lines += ['', '## Training', '', entry.training['recipe'], '', '```bash', entry.training['command'], '```']
+    if entry.training.get('time'):
+        lines += ['', f'Training time: {entry.training["time"]}.']
     lines += ['', '## How Each Number Was Made', '', *_provenance(entry)]
     if paper and paper.get('bibtex'):
         lines += ['', '## Citation', '', '```bibtex', str(paper['bibtex']).strip(), '```']
@@ -338,13 +380,53 @@ def _routing_table(entry: ModelEntry) -> List[str]:
     return rows
 
 
+def _baseline_table(entry: ModelEntry) -> List[str]:
+    b, r = entry.baseline, entry.results[0]
+    rows = [f'Trained and evaluated like {entry.name} ({r.dataset_name} {r.split}, {r.img_size} px): {b.summary}', '',
+            '| Model | Top-1 (%) | Top-5 (%) | Params (M) | GMACs |', '|---|---:|---:|---:|---:|']
+    for name, top1, top5, params, gmacs in (
+            (entry.name, r.top1, r.top5, entry.params_m, entry.gmacs), (b.name, b.top1, b.top5, b.params_m, b.gmacs)):
+        rows.append(f'| {name} | {top1.value:.2f} | {f"{top5.value:.2f}" if top5 else "-"} | '
+                    f'{params.value:.2f} | {gmacs.value:.4f} |')
+    if b.training.get('command'):
+        rows += ['', f'Dense baseline command: {_code(b.training["command"])}'
+                 + (f' ({b.training["time"]})' if b.training.get('time') else '')]
+    return rows
+
+
 def _provenance(entry: ModelEntry) -> List[str]:
     items = [('Params (M)', entry.params_m), ('GMACs', entry.gmacs)]
     for r in entry.results:
         where = f'{r.dataset_name} {r.split} @ {r.img_size}'
         items += [(f'Top-1, {where}', r.top1)] + ([(f'Top-5, {where}', r.top5)] if r.top5 else [])
         items += [(f'{_routing_label(k)}, {where}', m) for k, m in r.routing.items()]
+    b = entry.baseline
+    if b is not None:
+        items += [(f'{b.name} params (M)', b.params_m), (f'{b.name} GMACs', b.gmacs), (f'{b.name} top-1', b.top1)]
+        items += [(f'{b.name} top-5', b.top5)] if b.top5 else []
     return [f'- **{label}** = {m.value:g}: {_code(m.command)}' for label, m in items]
+
+
+def render_baseline_card(entry: ModelEntry, name: str) -> str:
+    """README.md of the dense baseline's release folder (a comparison model, not on the Hub)."""
+    b, r = entry.baseline, entry.results[0]
+    if b is None or b.name != name:
+        raise CardDataError(f'{entry.source}: {entry.name} has no baseline named {name!r}.')
+    lines = [
+        '---', 'library_name: timm', f'license: {entry.family["license"]}', 'pipeline_tag: image-classification',
+        'tags:', *[f'- {t}' for t in ('image-classification', 'timm', 'baseline')], '---', '',
+        f'# {b.name}', '', b.summary, '',
+        f'The dense comparison for [{entry.name}]({HUB_URL}/{entry.repo_id}): the same recipe, data and widths, '
+        f'no experts. Not a zoo model and not on the Hub; load it from this folder:', '',
+        '```python', 'import timm', 'import pce_timm  # the architecture is built by the pce_resnet18 entrypoint',
+        '', f"model = timm.create_model('local-dir:releases/{b.name}', pretrained=True)", '```', '',
+        '## Results', '', *_baseline_table(entry), '', '## Training', '', entry.training['recipe'], '',
+        '## How Each Number Was Made', '',
+        *[f'- **{label}** = {m.value:g}: {_code(m.command)}' for label, m in (
+            ('Params (M)', b.params_m), ('GMACs', b.gmacs), (f'Top-1, {r.dataset_name} {r.split}', b.top1),
+            *([(f'Top-5, {r.dataset_name} {r.split}', b.top5)] if b.top5 else []))],
+        '']
+    return '\n'.join(lines)
 
 
 def _routing_label(key: str) -> str:
