@@ -237,9 +237,12 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
                       _num(row['mean_usage_entropy'], '.3f') if pce else '-', imbalance,
                       str(row['dead_experts']) if pce else '-'])
     text = [text_table(lines, header)]
-    text.append('usage entropy: mean over the PCE layers of the entropy of the expert usage shares / log(experts) '
-                '(1 = every expert equally used); imbalance: the largest, over the layers, of busiest / least used '
-                'expert (1 = balanced); dead experts: experts no test patch chose.')
+    text.append('top-1 / top-5: final epoch on the eval split (it selected nothing); train time: the whole run '
+                '(training + per-epoch eval).\n'
+                'usage entropy: mean over the PCE layers of the entropy of the expert usage shares / log(experts) '
+                '(1 = all experts equally used);\n'
+                'imbalance: the largest over the layers of busiest / least used expert (1 = balanced); dead experts: '
+                'experts no eval patch chose.')
     for row in rows:
         if not row['routing']:
             continue
@@ -270,6 +273,14 @@ def pick_images(dataset, num_images: int) -> List[int]:
     if len(picked) < num_images:  # fewer classes than asked for: fill with the next images
         picked += [i for i in range(len(labels)) if i not in chosen.values()][:num_images - len(picked)]
     return picked
+
+
+def dataset_title(name: str) -> str:
+    """'Fashion-MNIST' for fashion_mnist: the registry description's first part, else the name."""
+    from pce_timm.data import get_dataset_spec
+
+    description = get_dataset_spec(name).description or ''
+    return description.split(',')[0].strip() or name
 
 
 @torch.no_grad()
@@ -340,7 +351,7 @@ def run_demo(demo: argparse.Namespace, extra: Sequence[str]) -> Dict[str, Any]:
         print(f'\n==> drawing the routing of {demo.num_images} test images', flush=True)
         routing_png = draw_routing(
             output_dir / 'pce' / 'model', args.dataset, args.eval_split, args.data_dir, output_dir / ROUTING_FILE,
-            demo.num_images, f"{rows[0]['name']} on {rows[0]['dataset']} ({rows[0]['eval_split']} images)")
+            demo.num_images, f"{rows[0]['name']} on {dataset_title(args.dataset)} ({args.eval_split} images)")
         table = format_table(rows)
         total = time.time() - started
         summary = {
