@@ -401,3 +401,15 @@ def test_two_processes_with_debug_launcher(tmp_path):
     assert sum(evaluation['usage_counts']) % 101 == 0, 'gather_for_metrics must count each eval image once'
     model = timm.create_model(f'local-dir:{tmp_path / "run" / "model"}', pretrained=True)
     assert model.num_classes == 10
+
+
+def test_accelerate_launch_on_cpu_runs_two_ranks(tmp_path):
+    """`accelerate launch` with the shipped CPU config must give one 2-rank run, not two 1-process runs."""
+    recipe = write_recipe(tmp_path / 'recipe.yaml', epochs=1, max_train_samples=128, max_eval_samples=64, phases=None)
+    launched = subprocess.run(
+        [sys.executable, '-m', 'accelerate.commands.launch', '--config_file',
+         str(ROOT / 'scripts' / 'configs' / 'accelerate' / 'cpu_2proc.yaml'), str(ROOT / 'scripts' / 'train.py'),
+         '--config', str(recipe), '--output-dir', str(tmp_path / 'run'), '--progress', 'false'],
+        env=_cli_env(), capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert json.loads((tmp_path / 'run' / 'results.json').read_text())['num_processes'] == 2

@@ -8,6 +8,7 @@ written. See :mod:`.checkpoint` for the folder layout.
 """
 import argparse
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -86,13 +87,23 @@ def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / 'logs'),
                                    automatic_checkpoint_naming=True, total_limit=args.checkpoint_limit)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=needs_unused_parameters(args.phases))
-    return Accelerator(
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    # `accelerate launch --multi_gpu` / torchrun on a machine without an accelerator: accelerate would give every
+    # process a 1-process state of its own (N independent runs writing one folder); cpu=True joins them (gloo).
+    cpu_ranks = world_size > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(
+        cpu=cpu_ranks,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum_steps,
         log_with=build_trackers(args.log_with or [], output_dir / 'logs', output_dir.name) or None,
         project_config=project,
         kwargs_handlers=[ddp],
     )
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(f'launched as {world_size} processes (WORLD_SIZE) but accelerate set up '
+                           f'{accelerator.num_processes} ({accelerator.distributed_type}); on CPU launch with '
+                           '`accelerate launch --multi_gpu --num_processes N` or torchrun')
+    return accelerator
 
 
 def fit_router_keys(model: nn.Module, loader, num_batches: int, seed: int, device, progress: bool) -> Dict[str, int]:
