@@ -17,7 +17,7 @@ SHELL := bash
 
 SYSTEM_PYTHON ?= python3
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-APT_PACKAGES := dataset-fashion-mnist labelme-examples
+APT_PACKAGES := dataset-fashion-mnist
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -58,10 +58,10 @@ $(STAMP): $(PY) pyproject.toml Makefile
 	rm -f $(VENV)/.stamp*
 	touch $@
 
-# The demo and some tests read these Debian packages; without root (or password-less sudo) we only say so.
+# The demo, the release and some tests read this Debian package; without root (or password-less sudo) we only say so.
 sysdeps:
 	@if ! command -v dpkg >/dev/null || ! command -v apt-get >/dev/null; then
-	  echo "note: no dpkg/apt-get here; skipping the Debian packages $(APT_PACKAGES) (the demo and some tests read them)"
+	  echo "note: no dpkg/apt-get here; skipping the Debian packages $(APT_PACKAGES) (the demo and some tests read it)"
 	  exit 0
 	fi
 	missing=""
@@ -72,7 +72,7 @@ sysdeps:
 	if [ "$$(id -u)" = 0 ]; then sudo=""
 	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"
 	else
-	  echo "note: not root and no password-less sudo; skipping apt-get install$$missing (the demo and some tests read them)"
+	  echo "note: not root and no password-less sudo; skipping apt-get install$$missing (the demo and some tests read it)"
 	  exit 0
 	fi
 	echo "==> apt-get install$$missing"
