@@ -334,9 +334,11 @@ def _usage(entry: ModelEntry) -> List[str]:
     names = [f'hf-hub:{entry.repo_id}']
     if _registry_points_here(entry):
         names.append(entry.name)
+    mode = 'L' if _input_channels(entry) == 1 else 'RGB'
     code = [
         '```python', 'import timm', 'import pce_timm  # registers the pce_* architectures with timm',
-        'from PIL import Image', '', "img = Image.open('your_image.jpg').convert('RGB')"]
+        'from PIL import Image', '', f"img = Image.open('your_image.jpg').convert('{mode}')"
+        + ('  # the model takes 1-channel (grayscale) input' if mode == 'L' else '')]
     code.append(f"model = timm.create_model('{names[0]}', pretrained=True)")
     if len(names) > 1:
         code.append(f"# or, by registry name: timm.create_model('{names[1]}', pretrained=True)")
@@ -348,6 +350,18 @@ def _usage(entry: ModelEntry) -> List[str]:
         '```',
     ]
     return code
+
+
+def _input_channels(entry: ModelEntry) -> int:
+    """Input channels of ``model.tag`` from its registered pretrained cfg (3 when it is not registered)."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        import pce_timm  # noqa: F401 - registers pce_* models
+        cfg = get_pretrained_cfg(entry.name)
+    except (ImportError, RuntimeError):
+        return 3
+    return int(cfg.input_size[0]) if cfg is not None and cfg.input_size else 3
 
 
 def _registry_points_here(entry: ModelEntry) -> bool:

@@ -259,6 +259,9 @@ def measure(spec: ReleaseSpec, run_dir: Path, args: argparse.Namespace) -> Dict[
         raise ReleaseCheckFailed(f'{run_dir}/results.json: top-1 is not the final epoch\'s')
     cmd = train_command(spec, args, run_dir)
     model_ref = f'local-dir:{rel(run_dir / "model")}'
+    # same batches as the run's final evaluation (top-1 routing reroutes overflow within a batch)
+    evaluate_cmd = (f'python scripts/evaluate.py --model {rel(run_dir)} --dataset {results["config"]["dataset"]} '
+                    f'--split {results["eval_split"]} --batch-size {results["config"]["eval_batch_size"]}')
     shape = ', '.join(map(str, input_size))
     return {
         'top1': round(results['top1'], 2),
@@ -272,7 +275,7 @@ def measure(spec: ReleaseSpec, run_dir: Path, args: argparse.Namespace) -> Dict[
         'results_path': run_dir / 'results.json',
         'run_dir': run_dir,
         'train_command': cmd,
-        'result_command': f'{cmd}  # final epoch, test split: results.json top1 / top5',
+        'result_command': f'{cmd} (final epoch, results.json); re-measure: {evaluate_cmd}',
         'params_command': (
             f'python -c "import timm, pce_timm; m = timm.create_model(\'{model_ref}\'); '
             f'print(sum(p.numel() for p in m.parameters()) / 1e6)"'),
@@ -280,7 +283,7 @@ def measure(spec: ReleaseSpec, run_dir: Path, args: argparse.Namespace) -> Dict[
             f'python -c "import timm, torch, pce_timm; from torch.utils.flop_counter import FlopCounterMode as F; '
             f'm = timm.create_model(\'{model_ref}\').eval(); f = F(display=False); f.__enter__(); '
             f'm(torch.zeros(1, {shape})); f.__exit__(None, None, None); print(f.get_total_flops() / 2e9)"'),
-        'routing_command': f'python scripts/evaluate.py --model {rel(run_dir)} --dataset fashion_mnist --split test',
+        'routing_command': evaluate_cmd,
     }
 
 
