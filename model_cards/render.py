@@ -66,7 +66,9 @@ HUB_URL = 'https://huggingface.co'
 ROUTING_LABELS = {
     'usage_entropy': 'Expert usage entropy',
     'imbalance': 'Load imbalance',
+    'dead_experts': 'Dead experts',
 }
+INTEGER_STATS = {'dead_experts'}
 
 _FAMILY_KEYS = {'family', 'title', 'description', 'license', 'hf_org', 'readme', 'tags', 'paper', 'models'}
 _MODEL_KEYS = {
@@ -307,7 +309,7 @@ def _card_sections(entry: ModelEntry) -> List[str]:
     lines += [
         f'- **Architecture:** {entry.summary}',
         f'- **Params (M):** {entry.params_m.value:.2f}',
-        f'- **GMACs:** {entry.gmacs.value:.2f} (at {main.img_size} x {main.img_size})',
+        f'- **GMACs:** {_gmacs(entry.gmacs.value)} (at {main.img_size} x {main.img_size})',
         f'- **Image size:** {main.img_size} x {main.img_size}',
         f'- **Dataset:** {entry.training.get("dataset_name", entry.training["dataset"])}',
     ]
@@ -389,7 +391,7 @@ def _routing_table(entry: ModelEntry) -> List[str]:
     rows = ['| Dataset | Split | ' + ' | '.join(_routing_label(k) for k in stats) + ' |',
             '|---|---|' + '---:|' * len(stats)]
     for r in entry.results:
-        values = [f'{r.routing[k].value:.3f}' if k in r.routing else '-' for k in stats]
+        values = [_stat(k, r.routing[k].value) if k in r.routing else '-' for k in stats]
         rows.append(f'| {r.dataset_name} | {r.split} | ' + ' | '.join(values) + ' |')
     return rows
 
@@ -401,7 +403,7 @@ def _baseline_table(entry: ModelEntry) -> List[str]:
     for name, top1, top5, params, gmacs in (
             (entry.name, r.top1, r.top5, entry.params_m, entry.gmacs), (b.name, b.top1, b.top5, b.params_m, b.gmacs)):
         rows.append(f'| {name} | {top1.value:.2f} | {f"{top5.value:.2f}" if top5 else "-"} | '
-                    f'{params.value:.2f} | {gmacs.value:.4f} |')
+                    f'{params.value:.2f} | {_gmacs(gmacs.value)} |')
     if b.training.get('command'):
         rows += ['', f'Dense baseline command: {_code(b.training["command"])}'
                  + (f' ({b.training["time"]})' if b.training.get('time') else '')]
@@ -443,6 +445,16 @@ def render_baseline_card(entry: ModelEntry, name: str) -> str:
     return '\n'.join(lines)
 
 
+def _gmacs(value: float) -> str:
+    """GMACs with 2 decimals, or 4 for small models (0.0361 would show as 0.04)."""
+    return f'{value:.2f}' if value >= 0.1 else f'{value:.4f}'
+
+
+def _stat(key: str, value: float) -> str:
+    """A routing statistic: counts (dead experts) as integers, the rest with 3 decimals."""
+    return str(int(value)) if key in INTEGER_STATS and float(value).is_integer() else f'{value:.3f}'
+
+
 def _routing_label(key: str) -> str:
     return ROUTING_LABELS.get(key, key.replace('_', ' ').capitalize())
 
@@ -470,8 +482,8 @@ def render_model_table(entries: Sequence[ModelEntry]) -> str:
         r = e.results[0]
         cells = [
             f'[{e.name}]({HUB_URL}/{e.repo_id})', f'{r.top1.value:.2f}', f'{r.top5.value:.2f}' if r.top5 else '-',
-            f'{e.params_m.value:.2f}', f'{e.gmacs.value:.2f}', str(r.img_size),
-        ] + [f'{r.routing[k].value:.3f}' if k in r.routing else '-' for k in stats]
+            f'{e.params_m.value:.2f}', _gmacs(e.gmacs.value), str(r.img_size),
+        ] + [_stat(k, r.routing[k].value) if k in r.routing else '-' for k in stats]
         rows.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(rows)
 

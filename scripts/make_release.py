@@ -315,8 +315,8 @@ def update_card_yaml(path: Path, specs: Sequence[ReleaseSpec], measured: Dict[st
         result['top5'] = {'value': m['top5'], 'command': m['result_command']}
         result['img_size'] = m['img_size']
         entry.setdefault('training', {})['command'] = m['train_command']
-        entry['training']['time'] = (f'{m["train_time_s"] / 60:.1f} min for {m["epochs"]} epochs on '
-                                     f'{_machine()} (wall clock, shared)')
+        entry['training']['time'] = (f'{m["train_time_s"] / 60:.1f} min for {m["epochs"]} epochs, wall clock on '
+                                     f'{_machine()} shared with other jobs')
         if spec.hub:
             routing = {}
             if 'mean_usage_entropy' in m['routing']:
