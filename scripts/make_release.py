@@ -81,6 +81,9 @@ class ReleaseRefused(Exception):
 class ReleaseCheckFailed(Exception):
     """A written release does not load back as it should (exit 5)."""
 
+    def __init__(self, message: str):
+        super().__init__(f'release check failed: {message}')
+
 
 # ---------------------------------------------------------------- CLI
 
@@ -121,30 +124,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from pce_timm.data import DatasetNotFoundError
-    from pce_timm.hub import ReleaseError
-    from pce_timm.train.checkpoint import NonFiniteLossError
-    from pce_timm.train.config import RecipeError
+    from pce_timm.train.cli import run_cli
 
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
     render = load_renderer()
-    try:
-        make_release(args, render)
-    except (ReleaseRefused, RecipeError, ReleaseError, render.CardDataError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except DatasetNotFoundError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 3
-    except NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 4
-    except ReleaseCheckFailed as e:
-        print(f'error: release check failed: {e}', file=sys.stderr)
-        return 5
-    return 0
+    return run_cli(lambda: make_release(args, render),
+                   extra_errors=[((ReleaseRefused, render.CardDataError), 2), ((ReleaseCheckFailed,), 5)])
 
 
 def make_release(args: argparse.Namespace, render) -> Dict[str, Path]:

@@ -1,7 +1,7 @@
 """What the scripts share: clear one-line errors instead of tracebacks for the user's mistakes."""
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, Tuple, Type
 
 from pce_timm.data import DatasetNotFoundError
 from pce_timm.hub.offline import MissingWeightsError
@@ -10,26 +10,29 @@ from pce_timm.hub.release import ReleaseError
 from .checkpoint import NonFiniteLossError
 from .config import RecipeError
 
-__all__ = ['run_cli']
+__all__ = ['USER_ERRORS', 'run_cli']
+
+# (exception types, exit code): the user's mistakes and missing inputs, printed as one ``error: ...`` line.
+USER_ERRORS: Tuple[Tuple[Tuple[Type[BaseException], ...], int], ...] = (
+    ((RecipeError, ReleaseError), 2),  # bad recipe / arguments, unreadable weight files
+    ((DatasetNotFoundError, MissingWeightsError), 3),  # dataset or pretrained weights missing
+    ((NonFiniteLossError,), 4),  # the loss became NaN / inf
+)
 
 
-def run_cli(main: Callable[[], Any]) -> int:
-    """Run ``main``; print recipe, data and divergence errors as ``error: ...`` and return an exit code.
+def run_cli(main: Callable[[], Any], extra_errors: Sequence[Tuple[Tuple[Type[BaseException], ...], int]] = ()) -> int:
+    """Run ``main``; print the errors of :data:`USER_ERRORS` (and a script's own ``extra_errors``, checked first)
+    as ``error: ...`` and return their exit code, 0 when done.
 
-    Exit codes: 0 done, 2 bad recipe / arguments / unreadable weight files, 3 dataset or pretrained weights
-    missing, 4 loss became NaN/inf.
     Other exceptions keep their traceback (they are bugs, not user errors).
     """
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     try:
         main()
-    except (RecipeError, ReleaseError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except (DatasetNotFoundError, MissingWeightsError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 3
-    except NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 4
+    except Exception as e:
+        for types, code in (*extra_errors, *USER_ERRORS):
+            if isinstance(e, types):
+                print(f'error: {e}', file=sys.stderr)
+                return code
+        raise
     return 0
