@@ -59,13 +59,17 @@ def count_gmacs(model: nn.Module, input_size: int, in_chans: int = 3) -> float:
 
 
 def model_cases(names: List[str]) -> List[Case]:
-    """One case per model and per distinct baseline, each baseline right before the models that use it."""
+    """One case per model and per distinct baseline, each baseline right before the models that use it.
+
+    Each case builds its model once: timing, parameter count and MACs all measure that one instance.
+    """
     cases, seen = [], set()
     for name in names:
         for case_name, role in ((baseline_of(name), 'dense'), (name, 'pce' if name.startswith('pce_') else 'moe')):
             if case_name not in seen:
                 seen.add(case_name)
-                cases.append(Case(case_name, lambda n=case_name: _create(n), {'role': role}))
+                model = _create(case_name)
+                cases.append(Case(case_name, lambda m=model: m, {'role': role}))
     return cases
 
 
@@ -103,7 +107,7 @@ def run_models(args: argparse.Namespace, names: Optional[List[str]] = None) -> D
     by_name = {t.name: t for t in timings}
     rows = []
     for case, timing in zip(cases, timings, strict=True):
-        model = case.build()
+        model = case.build()  # the instance that was timed
         base = None if case.info['role'] == 'dense' else by_name[baseline_of(case.name)]
         rows.append({
             'model': case.name, 'baseline': base.name if base else None,
