@@ -9,8 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from accelerate.state import AcceleratorState
 
 from pce_timm.data import DatasetNotFoundError, load_image_dataset
 
@@ -45,14 +43,7 @@ needs_fmnist = pytest.mark.skipif(not _has_fashion_mnist(), reason='Fashion-MNIS
                                   '(apt-get install dataset-fashion-mnist)')
 
 
-@pytest.fixture(autouse=True)
-def one_thread_fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread_fresh_accelerate')  # tests/conftest.py
 
 
 @needs_fmnist

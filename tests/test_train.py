@@ -52,15 +52,7 @@ def tiny_args(tmp_path: Path, *extra: str, **overrides):
     return parse_args(['--config', str(recipe), '--output-dir', str(tmp_path / 'run'), *extra])
 
 
-@pytest.fixture(autouse=True)
-def one_thread_fresh_accelerate():
-    """One torch thread (2 shared cores) and a fresh accelerate state per test (it is a process singleton)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread_fresh_accelerate')  # tests/conftest.py
 
 
 @pytest.fixture(scope='module')
