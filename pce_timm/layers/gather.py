@@ -6,7 +6,7 @@ backward a gather as well:
 
 - :func:`gather_windows` (pixels -> halo windows in expert slots): each token sits in k slots, so the
   gradient of a token's window is the sum of k slot gradients (a gather), and overlapping windows are
-  summed back into the image by ``F.fold`` (col2im), which runs at copy speed;
+  summed back into the image by :func:`overlap_add`, which runs at copy speed;
 - :func:`gather_rows` (expert outputs -> output pixels): every expert-output row feeds at most one output
   row with a non-zero weight, so its gradient is one gathered row (the inverse map).
 
@@ -15,7 +15,7 @@ Under TorchScript, or when nothing needs a gradient, the same gathers run as pla
 Shape legend: b batch, c channels, h/w map, n patches (gh x gw), t = b * n tokens, k top-k, e experts,
 s slots per expert, wh/ww halo window, ph/pw input patch size.
 """
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +24,56 @@ import torch.nn.functional as F
 def _image_rows(x: torch.Tensor) -> torch.Tensor:
     """[b, c, h, w] -> pixel rows [b * h * w + 1, c]; the last row is zero (outside the map, empty slot)."""
     b, c, h, w = x.shape
-    rows = x.new_zeros(b * h * w + 1, c)
+    rows = x.new_empty(b * h * w + 1, c)
     rows[:b * h * w].view(b, h, w, c).copy_(x.permute(0, 2, 3, 1))
+    rows[b * h * w].zero_()
     return rows
+
+
+def overlap_add(tiles: torch.Tensor, stride: Tuple[int, int]) -> torch.Tensor:
+    """Sum overlapping tiles back into one map: [b, gh, gw, wh, ww, c] -> [b, H, W, c] (channels last).
+
+    Tile ``(i, j)`` lands at rows ``i * sh ..`` and columns ``j * sw ..``; H = (gh + rh - 1) * sh and
+    W = (gw + rw - 1) * sw with ``rh = ceil(wh / sh)`` (what no tile covers is zero). This is ``F.fold``
+    (col2im) for tiles that overlap only near their borders: one strided copy of the tiles' cores, then
+    strided adds of the thin overlaps, which on CPU runs at copy speed where col2im is several times slower.
+    """
+    b, gh, gw, wh, ww, c = tiles.shape
+    sh, sw = stride
+    rh, rw = -(-wh // sh), -(-ww // sw)
+    out = tiles.new_empty(b, gh + rh - 1, sh, gw + rw - 1, sw, c)
+    out[:, gh:].zero_()
+    out[:, :gh, :, gw:].zero_()
+    by_row = tiles.permute(0, 1, 3, 2, 4, 5)  # [b, gh, wh, gw, ww, c]
+    for i in range(rh):
+        height = min(sh, wh - i * sh)
+        for j in range(rw):
+            width = min(sw, ww - j * sw)
+            part = by_row[:, :, i * sh:i * sh + height, :, j * sw:j * sw + width]
+            target = out[:, i:i + gh, :height, j:j + gw, :width]
+            if i == 0 and j == 0:  # the cores tile the covered area exactly: copy, no zeroing needed
+                target.copy_(part)
+            else:
+                target += part
+    return out.view(b, (gh + rh - 1) * sh, (gw + rw - 1) * sw, c)
+
+
+def _window_rows(slot_of_assignment: torch.Tensor, capacity: int, num_experts: int, wh: int, ww: int) -> torch.Tensor:
+    """Row of every (choice, token, window pixel) in the windows seen as rows [s * wh * ww * e, c]: [k, t, wh, ww].
+
+    Windows [s, e * c, wh, ww] in channels-last memory are rows ``((slot * wh + y) * ww + x) * e + expert``.
+    Dropped choices point at row 0 (the caller zeroes them).
+    """
+    slot = slot_of_assignment.clamp(max=num_experts * capacity - 1)
+    base = (slot % capacity) * (wh * ww * num_experts) + slot // capacity
+    pixel = torch.arange(wh * ww, device=slot.device).view(wh, ww) * num_experts
+    return base.unsqueeze(-1).unsqueeze(-1) + pixel
 
 
 class _GatherWindows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pixel_index, slot_of_assignment, geometry: List[int]):
-        capacity, num_experts, ph, pw, before, after = geometry
         s, wh, ww, e = pixel_index.shape
         windows = F.embedding(pixel_index.reshape(-1), _image_rows(x))
         ctx.save_for_backward(slot_of_assignment)
@@ -46,17 +86,18 @@ class _GatherWindows(torch.autograd.Function):
         (slot_of_assignment,) = ctx.saved_tensors
         capacity, e, ph, pw, before, after = ctx.geometry
         b, c, h, w = ctx.x_shape
-        s, _, wh, ww = grad_windows.shape
-        grad = grad_windows.permute(0, 2, 3, 1).reshape(s, wh, ww, e, c).permute(3, 0, 1, 2, 4)  # [e, s, ...]
-        num_slots = e * capacity
-        slot = slot_of_assignment.clamp(max=num_slots - 1)  # [k, t]
-        token_grad = grad[slot // capacity, slot % capacity]  # [k, t, wh, ww, c]
-        dropped = slot_of_assignment >= num_slots
-        token_grad = token_grad.masked_fill(dropped.view(*dropped.shape, 1, 1, 1), 0).sum(0)
+        wh, ww = grad_windows.shape[2], grad_windows.shape[3]
+        k, t = slot_of_assignment.shape
+        rows = grad_windows.permute(0, 2, 3, 1).reshape(-1, c)  # a view when channels-last, as produced
+        index = _window_rows(slot_of_assignment, capacity, e, wh, ww)
+        token_grad = F.embedding(index.view(k, -1), rows)  # [k, t * wh * ww, c]
+        if e * capacity < k * t:  # static: some choices may have been dropped and add nothing
+            kept = (slot_of_assignment < e * capacity).to(token_grad.dtype)
+            token_grad = token_grad * kept.view(k, t, 1).repeat_interleave(wh * ww, dim=1)
+        token_grad = token_grad[0] if k == 1 else token_grad.sum(0)
         gh, gw = (h + ph - 1) // ph, (w + pw - 1) // pw
-        cols = token_grad.view(b, gh * gw, wh, ww, c).permute(0, 4, 2, 3, 1).reshape(b, c * wh * ww, gh * gw)
-        image = F.fold(cols, (gh * ph + before + after, gw * pw + before + after), (wh, ww), stride=(ph, pw))
-        return image[:, :, before:before + h, before:before + w], None, None, None
+        image = overlap_add(token_grad.view(b, gh, gw, wh, ww, c), (ph, pw))
+        return image[:, before:before + h, before:before + w].permute(0, 3, 1, 2).contiguous(), None, None, None
 
 
 def gather_windows(
