@@ -249,3 +249,22 @@ def test_export_eval():
     x = torch.randn(2, 4, 12, 12)
     exported = torch.export.export(layer, (x,))
     torch.testing.assert_close(exported.module()(x), layer(x))
+
+
+@pytest.mark.parametrize('top_k', [None, 1, 2])
+def test_inference_with_batchnorm_folded_matches_eval_with_grad(top_k):
+    """Under no_grad an eval layer folds BatchNorm into the expert conv (and skips top-1's weight of 1)."""
+    torch.manual_seed(0)
+    layer = PCEConv2d(6, 8, num_experts=4, patch_size=4, top_k=top_k).eval()
+    with torch.no_grad():
+        layer.experts.bn.running_mean.uniform_(-0.5, 0.5)
+        layer.experts.bn.running_var.uniform_(0.5, 2.0)
+        layer.experts.bn.weight.uniform_(0.5, 1.5)
+        layer.experts.bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 6, 16, 12)
+    with torch.no_grad():
+        folded = layer(x)
+    with torch.enable_grad():
+        unfolded = layer(x)
+    assert unfolded.requires_grad
+    torch.testing.assert_close(folded, unfolded, atol=1e-5, rtol=1e-5)

@@ -14,7 +14,8 @@ class PatchEmbedSPP(nn.Module):
     The patch [C + 4, ph, pw] (features plus the 4 coordinate channels of :func:`coord_channels`) goes
     through a 1x1 conv to ``embed_chs`` channels, then average pooling at each pyramid level (1, 2, 4 ->
     1 + 4 + 16 = 21 cells). The 1x1 conv is applied to the whole map at once and the coordinate part is
-    added from a precomputed map, so no [C + 4]-channel copy of the input is ever made.
+    added from a precomputed map, so no [C + 4]-channel copy of the input is ever made; when the patch
+    divides into the finest level's cells, the input is averaged over those cells before the conv.
     """
 
     def __init__(self, in_chs: int, embed_chs: int = 8, levels: Sequence[int] = (1, 2, 4)):
@@ -32,12 +33,36 @@ class PatchEmbedSPP(nn.Module):
         """Map [b, c, h, w] -> patch embeddings [b, n, D] (patches row-major, as :func:`patchify`)."""
         b, _, h, w = x.shape
         (gh, gw), (ph, pw) = grid_size(h, w, patch_size), patch_size
+        finest = max(self.levels)
+        if all(finest % level == 0 for level in self.levels) and ph % finest == 0 and pw % finest == 0:
+            cells = self._finest_cells(x, (gh, gw), (ph, pw), finest)
+        else:
+            cells = self._pixels(x, (gh, gw), (ph, pw))
+        c = cells.shape[1]
+        cells = cells.reshape(b, c, gh, cells.shape[2] // gh, gw, cells.shape[3] // gw)
+        cells = cells.permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, cells.shape[3], cells.shape[5])
+        pooled = [F.adaptive_avg_pool2d(cells, level).flatten(1) for level in self.levels]
+        return torch.cat(pooled, dim=1).reshape(b, gh * gw, self.embed_dim)
+
+    def _pixels(self, x: torch.Tensor, grid: Tuple[int, int], patch_size: Tuple[int, int]) -> torch.Tensor:
+        """The projected map with coordinates [b, C', gh * ph, gw * pw] (the padding holds only coordinates)."""
+        (gh, gw), (ph, pw) = grid, patch_size
         weight = self.proj.weight
         y = F.conv2d(x, weight[:, :self.in_chs])
-        y = F.pad(y, (0, gw * pw - w, 0, gh * ph - h))
-        coords = coord_channels((gh, gw), (ph, pw), x.device).to(y.dtype)
-        y = y + F.conv2d(coords.unsqueeze(0), weight[:, self.in_chs:], self.proj.bias)
-        c = y.shape[1]
-        y = y.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, ph, pw)
-        pooled = [F.adaptive_avg_pool2d(y, level).flatten(1) for level in self.levels]
-        return torch.cat(pooled, dim=1).reshape(b, gh * gw, self.embed_dim)
+        y = F.pad(y, (0, gw * pw - x.shape[3], 0, gh * ph - x.shape[2]))
+        coords = coord_channels(grid, patch_size, x.device).to(y.dtype)
+        return y + F.conv2d(coords.unsqueeze(0), weight[:, self.in_chs:], self.proj.bias)
+
+    def _finest_cells(self, x: torch.Tensor, grid: Tuple[int, int], patch_size: Tuple[int, int], finest: int):
+        """:meth:`_pixels` averaged over the cells of the finest pyramid level: [b, C', gh * L, gw * L].
+
+        Averaging and the 1x1 projection are both linear, so pooling the input first gives the same cells
+        while the projection runs on ``(ph / L) * (pw / L)`` times fewer pixels.
+        """
+        (gh, gw), (ph, pw) = grid, patch_size
+        cell = (ph // finest, pw // finest)
+        weight = self.proj.weight
+        x = F.pad(x, (0, gw * pw - x.shape[3], 0, gh * ph - x.shape[2]))
+        y = F.conv2d(F.avg_pool2d(x, cell), weight[:, :self.in_chs])
+        coords = F.avg_pool2d(coord_channels(grid, patch_size, x.device).to(y.dtype).unsqueeze(0), cell)
+        return y + F.conv2d(coords, weight[:, self.in_chs:], self.proj.bias)

@@ -10,7 +10,7 @@ Every expert takes part in every forward, so every parameter always has a gradie
 ``find_unused_parameters`` for routing). Shape legend: b batch, e experts, i/o in/out channels, c slots.
 """
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,8 +46,12 @@ class ConvExperts(nn.Module):
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on the whole map: [b, i, h, w] -> [b, e * o, ho, wo]."""
+        padding = self.kernel_size // 2
+        if not self.training and not torch.is_grad_enabled():  # inference: BatchNorm folded into the conv
+            weight, bias = self._folded_weight()
+            return F.relu(F.conv2d(x, weight, bias, stride=self.stride, padding=padding), inplace=True)
         weight = self.weight.reshape(-1, self.in_chs, self.kernel_size, self.kernel_size)
-        y = F.conv2d(x, weight, stride=self.stride, padding=self.kernel_size // 2)
+        y = F.conv2d(x, weight, stride=self.stride, padding=padding)
         return F.relu(self.bn(y), inplace=True)
 
     def forward_windows(self, windows: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
@@ -59,11 +63,27 @@ class ConvExperts(nn.Module):
                 map's edge), for the batch statistics of BatchNorm; None promises all are, which allows the
                 fused BatchNorm.
         """
+        if not self.training and not torch.is_grad_enabled():  # inference: BatchNorm folded into the conv
+            weight, bias = self._folded_weight()
+            return F.relu(F.conv2d(windows, weight, bias, stride=self.stride, groups=self.num_experts), inplace=True)
         weight = self.weight.reshape(-1, self.in_chs, self.kernel_size, self.kernel_size)
         y = F.conv2d(windows, weight, stride=self.stride, groups=self.num_experts)
         if valid is None or not self.training:
             return F.relu(self.bn(y), inplace=True)
         return F.relu(self._masked_batch_norm(y, valid), inplace=True)
+
+    def _folded_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Conv weight [e * o, i, k, k] and bias [e * o] equal to conv followed by eval-mode BatchNorm."""
+        bn = self.bn
+        assert bn.running_mean is not None and bn.running_var is not None
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        bias = -bn.running_mean * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias
+        weight = self.weight.reshape(-1, self.in_chs, self.kernel_size, self.kernel_size)
+        return weight * scale.to(weight.dtype).view(-1, 1, 1, 1), bias.to(weight.dtype)
 
     def _masked_batch_norm(self, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Training-mode BatchNorm whose statistics count only valid output pixels.

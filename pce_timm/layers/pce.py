@@ -334,7 +334,9 @@ class PCEConv2d(nn.Module):
         if capacity * e < k * num_tokens:  # some choices may have been dropped: they add nothing
             pixel_weight = pixel_weight * (slot_of_assignment[:, pixel_token] < e * capacity).to(y.dtype)
         gathered = gathered.view(k, b * ho * wo, o)
-        if k == 1:  # static: skip the reduction copy
+        if k == 1 and capacity * e >= num_tokens and not torch.is_grad_enabled():
+            out = gathered[0]  # every top-1 weight is p / p == 1 exactly; the product only carries a gradient
+        elif k == 1:  # static: skip the reduction copy
             out = gathered[0] * pixel_weight[0].unsqueeze(-1)
         else:
             out = (gathered * pixel_weight.unsqueeze(-1)).sum(0)
