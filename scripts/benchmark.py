@@ -6,7 +6,9 @@
     python scripts/benchmark.py --section models     # PCE models next to timm's dense models, 224 px, b32
     python scripts/benchmark.py --section models --models pce_resnet18_e8 --model-rounds 5
 
-Ratios are measured in this run (interleaved rounds, medians), never compared across runs.
+Ratios are measured in this run (interleaved rounds, medians), never compared across runs. Like every
+script here, the benchmark first tells glibc malloc to keep freed memory (pce_timm.runtime; PyTorch's CPU
+guide recommends jemalloc/TCMalloc for the same reason); PCE_TIMM_MALLOC_TUNING=0 measures without it.
 """
 import argparse
 import json
@@ -15,6 +17,7 @@ import sys
 import torch
 
 from pce_timm.benchmark import format_table, layer_cases, layer_goals, time_cases, timings_to_dict
+from pce_timm.runtime import keep_freed_memory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,9 +64,12 @@ def run_layers(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    malloc_tuned = keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {'torch': torch.__version__, 'threads': torch.get_num_threads()}
+    results = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'malloc_tuned': malloc_tuned}
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, glibc malloc keeps freed memory: '
+          f'{"yes" if malloc_tuned else "no"}')
     if args.section in ('layers', 'all'):
         results['layers'] = run_layers(args)
     if args.section in ('models', 'all'):

@@ -1,4 +1,5 @@
-"""What the scripts share: clear one-line errors instead of tracebacks for the user's mistakes."""
+"""What the scripts share: clear one-line errors instead of tracebacks for the user's mistakes, and the
+process-wide CPU allocator setting of :mod:`pce_timm.runtime`."""
 import logging
 import sys
 from typing import Any, Callable, Sequence, Tuple, Type
@@ -6,6 +7,7 @@ from typing import Any, Callable, Sequence, Tuple, Type
 from pce_timm.data import DatasetNotFoundError
 from pce_timm.hub.offline import MissingWeightsError
 from pce_timm.hub.release import ReleaseError
+from pce_timm.runtime import keep_freed_memory
 
 from .checkpoint import NonFiniteLossError
 from .config import RecipeError
@@ -27,6 +29,7 @@ def run_cli(main: Callable[[], Any], extra_errors: Sequence[Tuple[Tuple[Type[Bas
     Other exceptions keep their traceback (they are bugs, not user errors).
     """
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    keep_freed_memory()
     try:
         main()
     except Exception as e:
