@@ -9,7 +9,8 @@ Each PCE model is compared with its dense counterpart, timed in the same interle
 
 Throughput is images per second (batch / median time), forward in eval mode without gradients and one
 training step (forward + backward) in train mode. MACs are counted with ``torch.utils.flop_counter`` (convs,
-matmuls: the ops that cost; gathers and element-wise ops are not counted) for one image, in eval mode.
+matmuls: the ops that cost; gathers and element-wise ops are not counted) per image of the timed batch, in
+eval mode.
 """
 import argparse
 from typing import Dict, List, Optional
@@ -49,13 +50,18 @@ def _create(name: str) -> nn.Module:
     return timm.create_model(name)
 
 
-def count_gmacs(model: nn.Module, input_size: int, in_chans: int = 3) -> float:
-    """Multiply-accumulates (in billions) of one eval forward of one image."""
+def count_gmacs(model: nn.Module, input_size: int, in_chans: int = 3, batch_size: int = 1) -> float:
+    """Multiply-accumulates (in billions) per image of one eval forward of ``batch_size`` images.
+
+    Counted at the batch that is timed: a sparse PCE layer gives each expert at least one slot, so with
+    fewer patches in the batch than experts (batch 1, few patches) it computes empty slots too, and MACs
+    per image depend on the batch.
+    """
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.randn(1, in_chans, input_size, input_size))
-    return counter.get_total_flops() / 2e9
+        model(torch.randn(batch_size, in_chans, input_size, input_size))
+    return counter.get_total_flops() / 2e9 / batch_size
 
 
 def model_cases(names: List[str]) -> List[Case]:
@@ -112,7 +118,7 @@ def run_models(args: argparse.Namespace, names: Optional[List[str]] = None) -> D
         rows.append({
             'model': case.name, 'baseline': base.name if base else None,
             'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
-            'gmacs': count_gmacs(model, size),
+            'gmacs': count_gmacs(model, size, batch_size=batch),
             'infer_img_s': batch * 1e3 / timing.forward_ms, 'train_img_s': batch * 1e3 / timing.train_ms,
             'infer_x': base.forward_ms / timing.forward_ms if base else 1.0,
             'train_x': base.train_ms / timing.train_ms if base else 1.0,

@@ -9,10 +9,15 @@ else is timm's :class:`~timm.models.resnet.ResNet`: stems, downsampling, stochas
 Defaults of the zoo, and why:
 - ``pce_stages=(2, 3)``: PCE in the last two stages, where patches are few and carry meaning; the early,
   high-resolution stages stay dense, which is where PCE's gather/scatter overhead would cost the most.
-- ``patch_size=(8, 4, 2, 2)``: one patch size per stage, in pixels of the stage's output map, so that at
-  224 px every PCE stage routes a ~7x7 patch grid (stage 3, 7x7 px, gets a 4x4 grid). The first block of a
-  stage has stride 2 and sees the stage's input map: its layer's patch size is the stage's x 2, so its
-  patches cover the same image regions.
+- ``patch_size=(8, 4, 7, 7)``: one patch size per stage, in pixels of the stage's output map. At 224 px
+  stage 2 (14x14 px) routes a 2x2 grid of 7x7 px patches and stage 3 (7x7 px) routes each image as one
+  patch; larger inputs get larger grids (a 4x4 and a 2x2 grid at 448 px). A patch's halo window
+  (``patch + 2`` px on a side for a 3x3 conv) must stay close to the patch for the sparse path to cost
+  what the dense conv costs: at 224 px, 7 px patches keep ``pce_resnet18_e8`` at 0.8x+ of resnet18's
+  throughput, where 2 px patches (a 7x7 / 4x4 grid, windows 4x the patch) ran at ~0.65x
+  (``scripts/benchmark.py --section models``). Pass ``patch_size=2`` for the finer routing picture. The
+  first block of a stage has stride 2 and sees the stage's input map: its layer's patch size is the
+  stage's x 2, so its patches cover the same image regions.
 - ``top_k=1``: sparse top-1 routing, so a PCE conv costs about what the dense conv costs.
 - ``mix_conv=False``: the layer's optional 1x1 mix after the weighted sum of experts is linear, and so is
   the block's next conv (the 3x3 ``conv2`` of a BasicBlock, the 1x1 ``conv3`` of a Bottleneck): their
@@ -265,7 +270,7 @@ class PCEResNet(ResNet):
             top_k: Union[int, str, None] = 1,
             router: str = 'cosine',
             pce_stages: Sequence[int] = (2, 3),
-            patch_size: Union[int, Sequence[int]] = (8, 4, 2, 2),
+            patch_size: Union[int, Sequence[int]] = (8, 4, 7, 7),
             capacity_factor: float = 1.0,
             embed_chs: int = 8,
             attention: bool = False,
