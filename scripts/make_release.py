@@ -29,7 +29,6 @@ Exit codes: 0 done, 2 bad input / refused (message on stderr), 3 dataset missing
 release check failed.
 """
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -472,14 +471,8 @@ def update_readme_table(args: argparse.Namespace, render) -> str:
 
 def load_renderer():
     """model_cards/render.py lives beside the package, not in it: load it by path."""
-    name = 'pce_model_cards_render'
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'model_cards' / 'render.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    from pce_timm.utils import load_module_from_path
+    return load_module_from_path(REPO_ROOT / 'model_cards' / 'render.py', 'pce_model_cards_render')
 
 
 if __name__ == '__main__':

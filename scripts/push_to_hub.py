@@ -16,7 +16,6 @@ needs a token (HF_TOKEN or `hf auth login`); pushing an unchanged release makes 
 Exit codes: 0 done, 1 the Hub failed or refused, 2 bad input (message on stderr).
 """
 import argparse
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -36,13 +35,14 @@ from pce_timm.hub import (
     push_release,
     write_release,
 )
+from pce_timm.utils import load_module_from_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
-    render = _load_renderer()
+    render = load_module_from_path(REPO_ROOT / 'model_cards' / 'render.py', 'pce_model_cards_render')
     try:
         token = None if args.dry_run else _require_token()
         source = find_release_source(args.source)
@@ -128,16 +128,6 @@ def _push(release_dir: Path, args: argparse.Namespace, token: str) -> int:
     else:
         print(f'unchanged: {result.repo_id}@{result.revision} already has these files ({result.commit_oid[:12]})')
     return 0
-
-
-def _load_renderer():
-    """model_cards/render.py lives beside the package, not in it: load it by path."""
-    path = REPO_ROOT / 'model_cards' / 'render.py'
-    spec = importlib.util.spec_from_file_location('pce_model_cards_render', path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
 
 
 if __name__ == '__main__':

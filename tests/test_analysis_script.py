@@ -3,7 +3,6 @@
 The numbers in stats.json must agree with each other and with an independent count of the same images; every
 figure must be a real PNG that report.md links; a run's routing_history must be plotted.
 """
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ from pce_timm.analysis import collect_usage, read_stats
 from pce_timm.data import create_dataset_transform, create_loader, dataset_info, load_image_dataset
 from pce_timm.train.checkpoint import save_model_dir
 from pce_timm.train.models import load_model
+from pce_timm.utils import load_module_from_path
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 40
@@ -24,10 +24,7 @@ LAYERS = ['layer2.0.conv1', 'layer3.0.conv1']  # one block per stage: two PCE la
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location('pce_analyze_routing_script', ROOT / 'scripts' / 'analyze_routing.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module_from_path(ROOT / 'scripts' / 'analyze_routing.py', 'pce_analyze_routing_script')
 
 
 def _history():

@@ -4,13 +4,13 @@ The end-to-end test trains both demo models (widths 8..64) for 2 epochs on 256 F
 evaluates on 200, with one torch thread; it needs the Debian package dataset-fashion-mnist and is skipped
 without it.
 """
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from pce_timm.data import DatasetNotFoundError, load_image_dataset
+from pce_timm.utils import load_module_from_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -22,10 +22,7 @@ TINY = ['--max-train-samples', '256', '--epochs', '2', '--max-eval-samples', '20
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location('pce_demo_script', ROOT / 'scripts' / 'demo.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module_from_path(ROOT / 'scripts' / 'demo.py', 'pce_demo_script')
 
 
 demo = _load_demo()

@@ -5,7 +5,6 @@ Everything runs offline: the Hub is tests/fake_hub.py on 127.0.0.1, and HF home,
 into tmp_path (the real cache is never touched).
 """
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from pce_timm.hub import (
     write_release,
 )
 from pce_timm.hub import release as release_module
+from pce_timm.utils import load_module_from_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = 'hf_pceFakeToken0123456789abcdefXYZ'
@@ -41,16 +41,8 @@ EXAMPLE_REPO = 'pce-timm-example/test_resnet.example_in1k'
 TIMM_REPO = 'timm/test_resnet.r160_in1k'  # test_resnet's default cfg hf_hub_id
 
 
-def _load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load_module(REPO_ROOT / 'model_cards' / 'render.py', 'pce_model_cards_render')
-push_cli = _load_module(REPO_ROOT / 'scripts' / 'push_to_hub.py', 'pce_push_to_hub')
+render = load_module_from_path(REPO_ROOT / 'model_cards' / 'render.py', 'pce_model_cards_render')
+push_cli = load_module_from_path(REPO_ROOT / 'scripts' / 'push_to_hub.py', 'pce_push_to_hub')
 
 
 @pytest.fixture(scope='module')

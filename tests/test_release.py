@@ -5,7 +5,6 @@ writes into tmp folders and a tmp HF cache; the tests then load `pce_resnet18.fm
 (timm.create_model by tag and by hf-hub:, torch.hub), fine-tune it, and check refusals: an existing good
 release without --overwrite, truncated and mismatched weight files, and missing weights.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from huggingface_hub import constants
 from pce_timm.hub import MissingWeightsError, ReleaseError
 from pce_timm.models import PCE_HUB_ORG
 from pce_timm.models.pce_resnet import TAG_ARCH_ARGS
+from pce_timm.utils import load_module_from_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NAME = 'pce_resnet18.fmnist'
@@ -33,18 +33,8 @@ TINY = ['--max-train-samples', '64', '--max-eval-samples', '50', '--batch-size',
 README = '# x\n\n<!-- model-table:start -->\nold\n<!-- model-table:end -->\n\nprose\n'
 
 
-def _load_module(path: Path, name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-make_release = _load_module(REPO_ROOT / 'scripts' / 'make_release.py', 'pce_make_release')
-finetune = _load_module(REPO_ROOT / 'scripts' / 'finetune.py', 'pce_finetune')
+make_release = load_module_from_path(REPO_ROOT / 'scripts' / 'make_release.py', 'pce_make_release')
+finetune = load_module_from_path(REPO_ROOT / 'scripts' / 'finetune.py', 'pce_finetune')
 
 
 def _argv(root: Path, *extra: str) -> list:

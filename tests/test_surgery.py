@@ -1,6 +1,5 @@
 """Expert surgery: pruning unused experts and duplicating experts keep the output; surgery survives a save."""
 import copy
-import importlib.util
 import math
 import re
 import warnings
@@ -24,6 +23,7 @@ from pce_timm.analysis.surgery import (
 from pce_timm.data import dataset_info
 from pce_timm.layers import PCEConv2d
 from pce_timm.train.checkpoint import save_model_dir
+from pce_timm.utils import load_module_from_path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ('layer2.0.conv1', 'layer2.1.conv1', 'layer3.0.conv1', 'layer3.1.conv1')
@@ -237,10 +237,7 @@ def test_checkpoints_from_before_the_surgery_buffers_load_strictly():
 
 
 def _surgery_script():
-    spec = importlib.util.spec_from_file_location('pce_surgery_script', ROOT / 'scripts' / 'surgery.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module_from_path(ROOT / 'scripts' / 'surgery.py', 'pce_surgery_script')
 
 
 @torch.no_grad()
