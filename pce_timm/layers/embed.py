@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .patches import coord_channels, grid_size
+from .patches import coord_channels, grid_size, pad_to_grid
 
 
 class PatchEmbedSPP(nn.Module):
@@ -46,10 +46,9 @@ class PatchEmbedSPP(nn.Module):
 
     def _pixels(self, x: torch.Tensor, grid: Tuple[int, int], patch_size: Tuple[int, int]) -> torch.Tensor:
         """The projected map with coordinates [b, C', gh * ph, gw * pw] (the padding holds only coordinates)."""
-        (gh, gw), (ph, pw) = grid, patch_size
         weight = self.proj.weight
         y = F.conv2d(x, weight[:, :self.in_chs])
-        y = F.pad(y, (0, gw * pw - x.shape[3], 0, gh * ph - x.shape[2]))
+        y = pad_to_grid(y, patch_size)
         coords = coord_channels(grid, patch_size, x.device).to(y.dtype)
         return y + F.conv2d(coords.unsqueeze(0), weight[:, self.in_chs:], self.proj.bias)
 
@@ -59,10 +58,8 @@ class PatchEmbedSPP(nn.Module):
         Averaging and the 1x1 projection are both linear, so pooling the input first gives the same cells
         while the projection runs on ``(ph / L) * (pw / L)`` times fewer pixels.
         """
-        (gh, gw), (ph, pw) = grid, patch_size
-        cell = (ph // finest, pw // finest)
+        cell = (patch_size[0] // finest, patch_size[1] // finest)
         weight = self.proj.weight
-        x = F.pad(x, (0, gw * pw - x.shape[3], 0, gh * ph - x.shape[2]))
-        y = F.conv2d(F.avg_pool2d(x, cell), weight[:, :self.in_chs])
+        y = F.conv2d(F.avg_pool2d(pad_to_grid(x, patch_size), cell), weight[:, :self.in_chs])
         coords = F.avg_pool2d(coord_channels(grid, patch_size, x.device).to(y.dtype).unsqueeze(0), cell)
         return y + F.conv2d(coords, weight[:, self.in_chs:], self.proj.bias)

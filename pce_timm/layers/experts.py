@@ -46,13 +46,7 @@ class ConvExperts(nn.Module):
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on the whole map: [b, i, h, w] -> [b, e * o, ho, wo]."""
-        padding = self.kernel_size // 2
-        if not self.training and not torch.is_grad_enabled():  # inference: BatchNorm folded into the conv
-            weight, bias = self._folded_weight()
-            return F.relu(F.conv2d(x, weight, bias, stride=self.stride, padding=padding), inplace=True)
-        weight = self.weight.reshape(-1, self.in_chs, self.kernel_size, self.kernel_size)
-        y = F.conv2d(x, weight, stride=self.stride, padding=padding)
-        return F.relu(self.bn(y), inplace=True)
+        return self._conv_bn_relu(x, padding=self.kernel_size // 2, groups=1, valid=None)
 
     def forward_windows(self, windows: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """Each expert on its own slots of halo windows: [c, e * i, wh, ww] -> [c, e * o, ph, pw].
@@ -63,11 +57,15 @@ class ConvExperts(nn.Module):
                 map's edge), for the batch statistics of BatchNorm; None promises all are, which allows the
                 fused BatchNorm.
         """
+        return self._conv_bn_relu(windows, padding=0, groups=self.num_experts, valid=valid)
+
+    def _conv_bn_relu(self, x: torch.Tensor, padding: int, groups: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """The experts' conv (``groups`` = 1: all experts on x; e: expert j on channel group j), BN, ReLU."""
         if not self.training and not torch.is_grad_enabled():  # inference: BatchNorm folded into the conv
             weight, bias = self._folded_weight()
-            return F.relu(F.conv2d(windows, weight, bias, stride=self.stride, groups=self.num_experts), inplace=True)
+            return F.relu(F.conv2d(x, weight, bias, self.stride, padding, groups=groups), inplace=True)
         weight = self.weight.reshape(-1, self.in_chs, self.kernel_size, self.kernel_size)
-        y = F.conv2d(windows, weight, stride=self.stride, groups=self.num_experts)
+        y = F.conv2d(x, weight, None, self.stride, padding, groups=groups)
         if valid is None or not self.training:
             return F.relu(self.bn(y), inplace=True)
         return F.relu(self._masked_batch_norm(y, valid), inplace=True)

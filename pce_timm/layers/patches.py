@@ -17,12 +17,21 @@ def grid_size(height: int, width: int, patch_size: Tuple[int, int]) -> Tuple[int
     return (height + patch_size[0] - 1) // patch_size[0], (width + patch_size[1] - 1) // patch_size[1]
 
 
+def pad_to_grid(x: torch.Tensor, patch_size: Tuple[int, int]) -> torch.Tensor:
+    """Zero-pad the bottom/right edge of ``x`` [..., h, w] to whole patches; ``x`` itself when it fits."""
+    h, w = x.shape[-2], x.shape[-1]
+    gh, gw = grid_size(h, w, patch_size)
+    if gh * patch_size[0] == h and gw * patch_size[1] == w:
+        return x  # F.pad would copy even with nothing to pad
+    return F.pad(x, (0, gw * patch_size[1] - w, 0, gh * patch_size[0] - h))
+
+
 def patchify(x: torch.Tensor, patch_size: Tuple[int, int]) -> torch.Tensor:
     """Cut ``x`` [b, c, h, w] into patches [b, n, c, ph, pw], zero-padding the bottom/right edge."""
     b, c, h, w = x.shape
     gh, gw = grid_size(h, w, patch_size)
     ph, pw = patch_size
-    x = F.pad(x, (0, gw * pw - w, 0, gh * ph - h))
+    x = pad_to_grid(x, patch_size)
     x = x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, gh * gw, c, ph, pw)
 

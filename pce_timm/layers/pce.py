@@ -330,13 +330,15 @@ class PCEConv2d(nn.Module):
         pixel_token = (torch.arange(b, device=x.device).view(b, 1, 1) * n + patch_of_pixel).reshape(-1)
         index, inverse = self._output_rows(slot_of_assignment, assignment_of_slot, pixel_token, capacity, b, ho, wo)
         gathered = gather_rows(y.permute(0, 2, 3, 1).reshape(-1, o), index.reshape(-1), inverse)
-        pixel_weight = routing_weights.t().to(y.dtype)[:, pixel_token]  # [k, b*ho*wo]
-        if capacity * e < k * num_tokens:  # some choices may have been dropped: they add nothing
-            pixel_weight = pixel_weight * (slot_of_assignment[:, pixel_token] < e * capacity).to(y.dtype)
         gathered = gathered.view(k, b * ho * wo, o)
-        if k == 1 and capacity * e >= num_tokens and not torch.is_grad_enabled():
-            out = gathered[0]  # every top-1 weight is p / p == 1 exactly; the product only carries a gradient
-        elif k == 1:  # static: skip the reduction copy
+        may_drop = capacity * e < k * num_tokens  # static: some choices may have found no slot
+        if k == 1 and not may_drop and not torch.is_grad_enabled():
+            # every top-1 weight is p / p == 1 exactly; the product would only carry a gradient
+            return gathered[0].view(b, ho, wo, o).permute(0, 3, 1, 2)
+        pixel_weight = routing_weights.t().to(y.dtype)[:, pixel_token]  # [k, b*ho*wo]
+        if may_drop:  # dropped choices add nothing
+            pixel_weight = pixel_weight * (slot_of_assignment[:, pixel_token] < e * capacity).to(y.dtype)
+        if k == 1:  # static: skip the reduction copy
             out = gathered[0] * pixel_weight[0].unsqueeze(-1)
         else:
             out = (gathered * pixel_weight.unsqueeze(-1)).sum(0)
