@@ -40,6 +40,7 @@ def run_dir(tmp_path_factory):
     """A training-run-like folder: model/ (timm Hub format) and results.json with a routing_history."""
     run = tmp_path_factory.mktemp('run')
     info = dataset_info('digits')
+    torch.manual_seed(0)  # the same untrained model whatever ran before
     model = timm.create_model('pce_resnet18', layers=(1, 1, 1, 1), stem_type='cifar', pce_stages=(1, 2), patch_size=1,
                               channels=[8, 16, 32, 64], stem_width=8, num_classes=10, in_chans=1, top_k=1)
     save_model_dir(model, run / 'model', data_config={k: info[k] for k in ('input_size', 'mean', 'std', 'crop_pct')})
