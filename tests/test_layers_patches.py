@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pce_timm.layers.embed import PatchEmbedSPP
+from pce_timm.layers.embed import PatchEmbedSPP, cell_mean
 from pce_timm.layers.gather import overlap_add
 from pce_timm.layers.patches import (
     coord_channels,
@@ -14,6 +14,16 @@ from pce_timm.layers.patches import (
     unpatchify,
     window_index,
 )
+
+
+@pytest.mark.parametrize('cell', [(2, 2), (7, 7), (1, 3), (4, 1)])
+def test_cell_mean_equals_avg_pool(cell):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, cell[0] * 3, cell[1] * 2, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(cell_mean(x, cell), F.avg_pool2d(x, cell))
+    with torch.no_grad():
+        torch.testing.assert_close(cell_mean(x, cell), F.avg_pool2d(x, cell))
+    torch.autograd.gradcheck(lambda t: cell_mean(t, cell), (x,))
 
 
 @pytest.mark.parametrize('hw,patch', [((16, 16), (8, 8)), ((20, 18), (8, 8)), ((7, 9), (4, 2)), ((5, 5), (8, 8))])

@@ -8,6 +8,53 @@ import torch.nn.functional as F
 from .patches import coord_channels, grid_size, pad_to_grid
 
 
+def _cell_sum(x: torch.Tensor, cell: Tuple[int, int]) -> torch.Tensor:
+    """Sum over non-overlapping ``cell`` blocks: [b, c, h, w] -> [b, c, h / ch, w / cw] (sizes divide)."""
+    b, c, h, w = x.shape
+    ch, cw = cell
+    rows = x.view(b, c, h // ch, ch, w)
+    if ch <= 3:  # a few strided adds beat a reduction kernel over a short dim
+        acc = rows[:, :, :, 0].clone() if ch == 1 else rows[:, :, :, 0] + rows[:, :, :, 1]
+        for i in range(2, ch):
+            acc += rows[:, :, :, i]
+    else:
+        acc = rows.sum(3)
+    cols = acc.view(b, c, h // ch, w // cw, cw)
+    out = cols[..., 0].clone() if cw == 1 else cols[..., 0] + cols[..., 1]
+    for j in range(2, cw):
+        out += cols[..., j]
+    return out
+
+
+class _CellMean(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, cell: Tuple[int, int]):
+        ctx.cell = cell
+        return _cell_sum(x, cell).mul_(1.0 / (cell[0] * cell[1]))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ch, cw = ctx.cell
+        b, c, gh, gw = grad_out.shape
+        grad = grad_out * (1.0 / (ch * cw))
+        grad = grad.unsqueeze(-1).expand(b, c, gh, gw, cw).reshape(b, c, gh, 1, gw * cw)
+        return grad.expand(b, c, gh, ch, gw * cw).reshape(b, c, gh * ch, gw * cw), None
+
+
+def cell_mean(x: torch.Tensor, cell: Tuple[int, int]) -> torch.Tensor:
+    """``F.avg_pool2d(x, cell)`` for a map whose sides are multiples of ``cell``, at copy speed on CPU.
+
+    ``avg_pool2d`` on an NCHW map runs several times slower than reading the map, forward and backward;
+    summing strided views (forward) and broadcasting (backward) does the same work at memory speed.
+    """
+    if torch.jit.is_scripting():
+        return F.avg_pool2d(x, cell)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return _cell_sum(x, cell).mul_(1.0 / (cell[0] * cell[1]))
+    return _CellMean.apply(x, cell)
+
+
 class PatchEmbedSPP(nn.Module):
     """Embed every patch of a feature map into one vector: D = ``embed_chs`` x sum(level^2).
 
@@ -60,6 +107,6 @@ class PatchEmbedSPP(nn.Module):
         """
         cell = (patch_size[0] // finest, patch_size[1] // finest)
         weight = self.proj.weight
-        y = F.conv2d(F.avg_pool2d(pad_to_grid(x, patch_size), cell), weight[:, :self.in_chs])
+        y = F.conv2d(cell_mean(pad_to_grid(x, patch_size), cell), weight[:, :self.in_chs])
         coords = F.avg_pool2d(coord_channels(grid, patch_size, x.device).to(y.dtype).unsqueeze(0), cell)
         return y + F.conv2d(coords, weight[:, self.in_chs:], self.proj.bias)
