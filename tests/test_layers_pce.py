@@ -5,7 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pce_timm.layers import PCEConv2d, collect_aux_loss
+from pce_timm.layers.gather import gather_rows_top1
 from pce_timm.layers.losses import AuxLossWeights
+from pce_timm.layers.mix import mix_pixels
 from pce_timm.layers.patches import grid_size, window_index
 
 
@@ -138,6 +140,55 @@ def test_vectorised_dispatch_equals_reference_loop(top_k, training, stride, hw):
     ref_x, ref_w = torch.autograd.grad((reference * probe).sum(), (x_ref, layer.experts.weight))
     torch.testing.assert_close(grad_x, ref_x, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grad_w, ref_w, atol=1e-4, rtol=1e-4)
+
+
+def test_top1_router_gradient_equals_the_reference_loop():
+    """Top-1 skips the multiply by its weight of 1; the router must still get the product's gradient."""
+    torch.manual_seed(3)
+    # capacity_factor = num_experts: nothing is rerouted, so the reference loop sees the same routes
+    layer = PCEConv2d(4, 6, num_experts=4, patch_size=4, top_k=1, router='mlp', capacity_factor=4.0)
+    x = torch.randn(2, 4, 16, 16)
+    out = layer(x)
+    reference = _reference_loop(layer, x)  # weighs by the layer's own routing weights: same router graph
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    probe = torch.randn_like(out)
+    params = list(layer.router.parameters()) + [layer.mix.weight, layer.mix.bias]
+    grads = torch.autograd.grad((out * probe).sum(), params, retain_graph=True)  # the router graph is shared
+    ref_grads = torch.autograd.grad((reference * probe).sum(), params)
+    assert grads[0].abs().sum() > 0
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('num_rows', [6, 10])  # a permutation (every slot filled) / 4 empty slots
+def test_top1_gather_gives_the_gradient_of_the_product(num_rows):
+    torch.manual_seed(0)
+    source = torch.randn(num_rows, 3, dtype=torch.float64, requires_grad=True)
+    index = torch.randperm(num_rows)[:6]
+    inverse = torch.full((num_rows,), 6, dtype=torch.long)
+    inverse[index] = torch.arange(6)
+    pixel_token = torch.tensor([0, 0, 1, 1, 2, 2])
+    token_weight = torch.tensor([0.3, 1.7, 0.9], dtype=torch.float64, requires_grad=True)
+    ones = token_weight / token_weight.detach()  # the top-1 weight p / stop_grad(p)
+    out = gather_rows_top1(source, index, inverse, ones, pixel_token)
+    expected = source[index] * ones[pixel_token].unsqueeze(-1)
+    torch.testing.assert_close(out, expected)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), (source, token_weight), retain_graph=True)
+    expected_grads = torch.autograd.grad((expected * probe).sum(), (source, token_weight))
+    for grad, ref in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, ref)
+
+
+def test_mix_pixels_is_a_1x1_conv_with_nchw_output():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 4, 1).double()
+    rows = torch.randn(2, 3 * 7, 5, dtype=torch.float64, requires_grad=True)
+    out = mix_pixels(rows, conv.weight, conv.bias, 3, 7)
+    assert out.shape == (2, 4, 3, 7) and out.is_contiguous()
+    expected = conv(rows.view(2, 3, 7, 5).permute(0, 3, 1, 2))
+    torch.testing.assert_close(out, expected)
+    torch.autograd.gradcheck(lambda r, w, b: mix_pixels(r, w, b, 3, 7), (rows, conv.weight, conv.bias))
 
 
 def test_overflow_is_rerouted_not_dropped():

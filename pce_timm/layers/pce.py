@@ -19,6 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import to_2tuple
 from timm.models import register_notrace_module
 
@@ -26,7 +27,8 @@ from .attention import DeformableAttention2d
 from .dispatch import assign_slots, expert_capacity, route
 from .embed import PatchEmbedSPP
 from .experts import ConvExperts
-from .gather import gather_rows, gather_windows
+from .gather import gather_rows, gather_rows_top1, gather_windows
+from .mix import mix_pixels
 from .patches import grid_size, halo, patch_positions, pixel_patch_index, window_index
 from .routers import (
     ROUTERS,
@@ -198,19 +200,29 @@ class PCEConv2d(nn.Module):
         _, expert_indices, routing_weights = route(
             router_logits.reshape(b * n, self.num_experts), self.top_k, self.gumbel_tau, self.training)
         if self.soft:
-            out = self._forward_soft(x, expert_indices, routing_weights)
+            out = self.mix(self._forward_soft(x, expert_indices, routing_weights))
         else:
-            out = self._forward_sparse(x, expert_indices, routing_weights)
+            out = self._mix_rows(self._forward_sparse(x, expert_indices, routing_weights), h, w)
         if self.track_routing and not _is_exporting():  # an exported graph has no module state
             self.last_router_logits = router_logits
             self.last_routing_weights = routing_weights.reshape(b, n, -1)
             self.last_expert_indices = expert_indices.reshape(b, n, -1)
             self.last_embeddings = embeddings
             self.last_grid_size = grid
-        out = self.mix(out)
         if self.attn is not None:
             out = out + self.attn_gate * self.attn(out)
         return out
+
+    def _mix_rows(self, rows: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The mix of the sparse path's pixel rows [b, ho * wo, o] -> [b, o, ho, wo].
+
+        With a 1x1 mix conv the result is a contiguous NCHW map (:func:`mix_pixels`); without one it is
+        the rows seen as NCHW (channels-last memory).
+        """
+        b, ho, wo = rows.shape[0], self._out_size(h), self._out_size(w)
+        if torch.jit.is_scripting() or not isinstance(self.mix, nn.Conv2d):
+            return self.mix(rows.view(b, ho, wo, -1).permute(0, 3, 1, 2))
+        return mix_pixels(rows, self.mix.weight, self.mix.bias, ho, wo)
 
     def _out_size(self, size: int) -> int:
         return (size - 1) // self.stride + 1  # same padding: ceil(size / stride)
@@ -236,7 +248,10 @@ class PCEConv2d(nn.Module):
         return (y.reshape(b, e, o, ho, wo) * weight_map).sum(1)
 
     def _window_pixels(self, x: torch.Tensor, token_of_slot: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """The flat input pixel read by every slot's halo window: [s, wh, ww, e] (``b * h * w`` = zero)."""
+        """The input pixel row ``(y * w + x) * b + image`` read by every slot's halo window: [s, wh, ww, e].
+
+        ``b * h * w`` (the zero row) stands for pixels outside the map and for empty slots.
+        """
         b, _, h, w = x.shape
         window = window_index(h, w, self.patch_size, self.kernel_size, self.stride, x.device)  # [n, wh, ww]
         n = window.shape[0]
@@ -244,7 +259,7 @@ class PCEConv2d(nn.Module):
         token = token_of_slot.clamp(max=num_tokens - 1)
         pixel = window[token % n]  # [s, e, wh, ww]
         inside = (pixel < h * w) & filled.unsqueeze(-1).unsqueeze(-1)
-        pixel = torch.where(inside, (token // n).unsqueeze(-1).unsqueeze(-1) * (h * w) + pixel, b * h * w)
+        pixel = torch.where(inside, pixel * b + (token // n).unsqueeze(-1).unsqueeze(-1), b * h * w)
         return pixel.permute(0, 2, 3, 1)
 
     def _valid_outputs(self, token_of_slot: torch.Tensor, num_tokens: int, n: int, ho: int, wo: int) -> torch.Tensor:
@@ -305,7 +320,10 @@ class PCEConv2d(nn.Module):
             expert_indices: torch.Tensor,
             routing_weights: torch.Tensor,
     ) -> torch.Tensor:
-        """Each patch through its k experts only (gather windows -> grouped conv -> weighted gather back)."""
+        """Each patch through its k experts only (gather windows -> grouped conv -> weighted gather back).
+
+        Returns the output as pixel rows [b, ho * wo, o].
+        """
         b, h, w = x.shape[0], x.shape[2], x.shape[3]
         e, k, o = self.num_experts, self.top_k, self.out_chs
         num_tokens = expert_indices.shape[0]
@@ -329,12 +347,14 @@ class PCEConv2d(nn.Module):
         patch_of_pixel = pixel_patch_index(ho, wo, (ph, pw), x.device)[0]
         pixel_token = (torch.arange(b, device=x.device).view(b, 1, 1) * n + patch_of_pixel).reshape(-1)
         index, inverse = self._output_rows(slot_of_assignment, assignment_of_slot, pixel_token, capacity, b, ho, wo)
-        gathered = gather_rows(y.permute(0, 2, 3, 1).reshape(-1, o), index.reshape(-1), inverse)
-        gathered = gathered.view(k, b * ho * wo, o)
+        rows = y.permute(0, 2, 3, 1).reshape(-1, o)
         may_drop = capacity * e < k * num_tokens  # static: some choices may have found no slot
-        if k == 1 and not may_drop and not torch.is_grad_enabled():
-            # every top-1 weight is p / p == 1 exactly; the product would only carry a gradient
-            return gathered[0].view(b, ho, wo, o).permute(0, 3, 1, 2)
+        if k == 1 and not may_drop:  # every weight is p / stop_grad(p) == 1: only its gradient matters
+            if not torch.is_grad_enabled():
+                return F.embedding(index.reshape(-1), rows).view(b, ho * wo, o)
+            gathered = gather_rows_top1(rows, index.reshape(-1), inverse, routing_weights[:, 0], pixel_token)
+            return gathered.view(b, ho * wo, o)
+        gathered = gather_rows(rows, index.reshape(-1), inverse).view(k, b * ho * wo, o)
         pixel_weight = routing_weights.t().to(y.dtype)[:, pixel_token]  # [k, b*ho*wo]
         if may_drop:  # dropped choices add nothing
             pixel_weight = pixel_weight * (slot_of_assignment[:, pixel_token] < e * capacity).to(y.dtype)
@@ -342,7 +362,7 @@ class PCEConv2d(nn.Module):
             out = gathered[0] * pixel_weight[0].unsqueeze(-1)
         else:
             out = (gathered * pixel_weight.unsqueeze(-1)).sum(0)
-        return out.view(b, ho, wo, o).permute(0, 3, 1, 2)
+        return out.view(b, ho * wo, o)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         fill_missing_buffer(self, state_dict, prefix, 'logit_bias')  # checkpoints from before the buffer
