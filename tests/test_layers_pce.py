@@ -191,6 +191,19 @@ def test_mix_pixels_is_a_1x1_conv_with_nchw_output():
     torch.autograd.gradcheck(lambda r, w, b: mix_pixels(r, w, b, 3, 7), (rows, conv.weight, conv.bias))
 
 
+@pytest.mark.parametrize('top_k', [1, 2, None])
+def test_bfloat16_autocast_forward_and_backward(top_k):
+    torch.manual_seed(0)
+    layer = PCEConv2d(8, 8, num_experts=4, patch_size=4, top_k=top_k)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    assert x.grad.dtype == torch.float32 and layer.mix.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), layer(x), atol=0.05, rtol=0.05)
+
+
 def test_overflow_is_rerouted_not_dropped():
     torch.manual_seed(0)
     layer = PCEConv2d(4, 4, num_experts=4, patch_size=4, top_k=1, router='cosine', capacity_factor=1.0).eval()
