@@ -248,10 +248,7 @@ class PCEConv2d(nn.Module):
         return (y.reshape(b, e, o, ho, wo) * weight_map).sum(1)
 
     def _window_pixels(self, x: torch.Tensor, token_of_slot: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """The input pixel row ``(y * w + x) * b + image`` read by every slot's halo window: [s, wh, ww, e].
-
-        ``b * h * w`` (the zero row) stands for pixels outside the map and for empty slots.
-        """
+        """The flat input pixel read by every slot's halo window: [s, wh, ww, e] (``b * h * w`` = zero)."""
         b, _, h, w = x.shape
         window = window_index(h, w, self.patch_size, self.kernel_size, self.stride, x.device)  # [n, wh, ww]
         n = window.shape[0]
@@ -259,7 +256,7 @@ class PCEConv2d(nn.Module):
         token = token_of_slot.clamp(max=num_tokens - 1)
         pixel = window[token % n]  # [s, e, wh, ww]
         inside = (pixel < h * w) & filled.unsqueeze(-1).unsqueeze(-1)
-        pixel = torch.where(inside, pixel * b + (token // n).unsqueeze(-1).unsqueeze(-1), b * h * w)
+        pixel = torch.where(inside, (token // n).unsqueeze(-1).unsqueeze(-1) * (h * w) + pixel, b * h * w)
         return pixel.permute(0, 2, 3, 1)
 
     def _valid_outputs(self, token_of_slot: torch.Tensor, num_tokens: int, n: int, ho: int, wo: int) -> torch.Tensor:
