@@ -55,7 +55,7 @@ def test_one_expert_equals_conv_bn_relu(top_k, stride, hw):
     torch.testing.assert_close(layer.experts.bn.running_mean, dense[1].running_mean)
 
 
-@pytest.mark.parametrize('hw', [(16, 16), (20, 18)])
+@pytest.mark.parametrize('hw', [(16, 16), (20, 18), (32, 32)])  # 32x32 floats: the 4 KiB-stride copy
 @pytest.mark.parametrize('stride', [1, 2])
 def test_sparse_top_all_equals_soft(hw, stride):
     torch.manual_seed(0)

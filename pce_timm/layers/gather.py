@@ -25,7 +25,15 @@ def _image_rows(x: torch.Tensor) -> torch.Tensor:
     """[b, c, h, w] -> pixel rows [b * h * w + 1, c]; the last row is zero (outside the map, empty slot)."""
     b, c, h, w = x.shape
     rows = x.new_empty(b * h * w + 1, c)
-    rows[:b * h * w].view(b, h, w, c).copy_(x.permute(0, 2, 3, 1))
+    source = x.permute(0, 2, 3, 1)
+    if x.is_contiguous() and (h * w * x.element_size()) % 4096 == 0:
+        # Each row reads c values h * w apart; at a multiple of 4 KiB (32x32 or 64x64 float maps) they all
+        # fall into the same cache sets and the copy runs 2-3x slower. Shifting every channel by 64 bytes
+        # first (one fast contiguous copy) avoids it.
+        shifted = x.new_empty(b, c, h * w + 16)
+        shifted[:, :, :h * w].copy_(x.view(b, c, h * w))
+        source = shifted[:, :, :h * w].view(b, c, h, w).permute(0, 2, 3, 1)
+    rows[:b * h * w].view(b, h, w, c).copy_(source)
     rows[b * h * w].zero_()
     return rows
 
