@@ -83,6 +83,25 @@ def time_cases(
     return timings
 
 
+def profile_case(case: Case, make_input: Callable[[], torch.Tensor], steps: int = 5, row_limit: int = 25) -> str:
+    """torch.profiler table of ``steps`` training steps (forward + backward) of one case, by self CPU time.
+
+    The profiler adds overhead to every op, so its times run higher than :func:`time_cases`; read it for where
+    the time goes, not for how much there is.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    module = case.build().train()
+    x = make_input().requires_grad_()
+    for _ in range(2):
+        _run_train(module, x)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            _run_train(module, x)
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by='self_cpu_time_total', row_limit=row_limit, max_name_column_width=40, max_shapes_column_width=60)
+
+
 def dense_conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int = 3) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False),

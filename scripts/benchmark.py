@@ -5,6 +5,7 @@
     python scripts/benchmark.py --rounds 20 --json bench.json
     python scripts/benchmark.py --section models     # PCE models next to timm's dense models, 224 px, b32
     python scripts/benchmark.py --section models --models pce_resnet18_e8 --model-rounds 5
+    python scripts/benchmark.py --profile 'pce E=8 top-1'   # where one layer case spends its training step
 
 Ratios are measured in this run (interleaved rounds, medians), never compared across runs. Like every
 script here, the benchmark first tells glibc malloc to keep freed memory (pce_timm.runtime; PyTorch's CPU
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-from pce_timm.benchmark import format_table, layer_cases, layer_goals, time_cases, timings_to_dict
+from pce_timm.benchmark import format_table, layer_cases, layer_goals, profile_case, time_cases, timings_to_dict
 from pce_timm.runtime import keep_freed_memory
 
 
@@ -37,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--model-rounds', type=int, default=3, help='models section: timed rounds per model')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
     parser.add_argument('--json', metavar='PATH', help='also write the results as JSON')
+    parser.add_argument('--profile', metavar='CASE',
+                        help="instead of timing, print torch.profiler's table for training steps of one layer case "
+                             "(a name from the layer table, e.g. 'pce E=8 top-1')")
     args = parser.parse_args(argv)
     for name in ('batch_size', 'channels', 'size', 'patch_size', 'kernel_size', 'rounds', 'model_size',
                  'model_batch_size', 'model_rounds'):
@@ -62,11 +66,26 @@ def run_layers(args: argparse.Namespace) -> dict:
     return {'input_shape': list(shape), 'timings': timings_to_dict(timings), 'goals': goals}
 
 
+def run_profile(args: argparse.Namespace) -> int:
+    cases = {case.name: case for case in layer_cases(args.channels, args.patch_size, args.kernel_size)}
+    if args.profile not in cases:
+        print(f'error: --profile {args.profile!r} is not a layer case; choose one of: {", ".join(cases)}',
+              file=sys.stderr)
+        return 2
+    shape = (args.batch_size, args.channels, args.size, args.size)
+    torch.manual_seed(0)
+    print(f'{args.profile}: input {list(shape)}, {torch.get_num_threads()} threads, 5 training steps\n')
+    print(profile_case(cases[args.profile], lambda: torch.randn(shape)))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     malloc_tuned = keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        return run_profile(args)
     results = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'malloc_tuned': malloc_tuned}
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, glibc malloc keeps freed memory: '
           f'{"yes" if malloc_tuned else "no"}')
