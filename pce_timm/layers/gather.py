@@ -164,6 +164,7 @@ class _GatherRowsTop1(torch.autograd.Function):
         out = F.embedding(index, source)
         ctx.save_for_backward(out, inverse, pixel_token)
         ctx.num_tokens = token_weight.shape[0]
+        ctx.weight_dtype = token_weight.dtype
         return out
 
     @staticmethod
@@ -180,7 +181,7 @@ class _GatherRowsTop1(torch.autograd.Function):
                 grad_source = grad_source.masked_fill((inverse >= num_rows).unsqueeze(-1), 0)
         grad_weight = None
         if ctx.needs_input_grad[3]:
-            pixel_grad = (grad_out * out).sum(-1)
+            pixel_grad = (grad_out * out).sum(-1, dtype=ctx.weight_dtype)  # float32 sums also under autocast
             grad_weight = pixel_grad.new_zeros(ctx.num_tokens).index_add_(0, pixel_token, pixel_grad)
         return grad_source, None, None, grad_weight, None
 
