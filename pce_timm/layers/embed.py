@@ -9,18 +9,22 @@ from .patches import coord_channels, grid_size, pad_to_grid
 
 
 def _cell_sum(x: torch.Tensor, cell: Tuple[int, int]) -> torch.Tensor:
-    """Sum over non-overlapping ``cell`` blocks: [b, c, h, w] -> [b, c, h / ch, w / cw] (sizes divide)."""
+    """Sum over non-overlapping ``cell`` blocks: [b, c, h, w] -> a new [b, c, h / ch, w / cw] (sizes divide)."""
     b, c, h, w = x.shape
     ch, cw = cell
     rows = x.view(b, c, h // ch, ch, w)
-    if ch <= 3:  # a few strided adds beat a reduction kernel over a short dim
-        acc = rows[:, :, :, 0].clone() if ch == 1 else rows[:, :, :, 0] + rows[:, :, :, 1]
+    if ch == 1:
+        acc = x if cw > 1 else x.clone()  # the column step below makes the new tensor
+    elif ch <= 3:  # a few strided adds beat a reduction kernel over a short dim
+        acc = rows[:, :, :, 0] + rows[:, :, :, 1]
         for i in range(2, ch):
             acc += rows[:, :, :, i]
     else:
         acc = rows.sum(3)
+    if cw == 1:
+        return acc
     cols = acc.view(b, c, h // ch, w // cw, cw)
-    out = cols[..., 0].clone() if cw == 1 else cols[..., 0] + cols[..., 1]
+    out = cols[..., 0] + cols[..., 1]
     for j in range(2, cw):
         out += cols[..., j]
     return out
