@@ -130,6 +130,19 @@ def gather_windows(
     return _GatherWindows.apply(x, pixel_index, slot_of_assignment, geometry)
 
 
+def _gather_through_inverse(grad_out: torch.Tensor, inverse: torch.Tensor, every_row_read: bool) -> torch.Tensor:
+    """The source-row gradient of a row gather: ``grad_out`` [m, d] read back through ``inverse`` [r].
+
+    Source rows that no output row reads (``inverse`` = m) get zero, unless the caller knows statically that
+    every source row is read (``every_row_read``), which saves the masking pass.
+    """
+    num_rows = grad_out.shape[0]
+    grad = F.embedding(inverse.clamp(max=num_rows - 1), grad_out)
+    if every_row_read:
+        return grad
+    return grad.masked_fill((inverse >= num_rows).unsqueeze(-1), 0)
+
+
 class _GatherRows(torch.autograd.Function):
 
     @staticmethod
@@ -141,9 +154,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (inverse,) = ctx.saved_tensors
-        unused = inverse >= ctx.num_rows
-        grad = F.embedding(inverse.clamp(max=ctx.num_rows - 1), grad_out.reshape(ctx.num_rows, -1))
-        return grad.masked_fill(unused.unsqueeze(-1), 0), None, None
+        return _gather_through_inverse(grad_out.reshape(ctx.num_rows, -1), inverse, False), None, None
 
 
 def gather_rows(source: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -173,12 +184,9 @@ class _GatherRowsTop1(torch.autograd.Function):
         grad_out = grad_out.reshape(out.shape)
         grad_source = None
         if ctx.needs_input_grad[0]:
-            num_rows = out.shape[0]
-            grad_source = F.embedding(inverse.clamp(max=num_rows - 1), grad_out)
             # every output row reads its own source row (nothing is dropped in top-1), so with as many source
             # rows as output rows each source row is read exactly once; otherwise some (empty slots) are not
-            if inverse.shape[0] != num_rows:
-                grad_source = grad_source.masked_fill((inverse >= num_rows).unsqueeze(-1), 0)
+            grad_source = _gather_through_inverse(grad_out, inverse, inverse.shape[0] == out.shape[0])
         grad_weight = None
         if ctx.needs_input_grad[3]:
             pixel_grad = (grad_out * out).sum(-1, dtype=ctx.weight_dtype)  # float32 sums also under autocast
@@ -197,10 +205,12 @@ def gather_rows_top1(
 
     A top-1 routing weight is ``p / stop_grad(p)``: 1 in value, with the router's gradient. The forward
     therefore skips the multiply, and the backward gives each token the sum over its pixels of
-    ``grad . row``, which is what the product would have given. ``source`` [r, d]; ``index`` [m];
-    ``inverse`` [r] as for :func:`gather_rows`; ``token_weight`` [t]; ``pixel_token`` [m].
+    ``grad . row``, which is what the product would have given. Under TorchScript the product is taken
+    (for its gradient). ``source`` [r, d]; ``index`` [m]; ``inverse`` [r] as for :func:`gather_rows`;
+    ``token_weight`` [t]; ``pixel_token`` [m].
     """
-    needs_grad = source.requires_grad or token_weight.requires_grad
-    if torch.jit.is_scripting() or not (torch.is_grad_enabled() and needs_grad):
+    if torch.jit.is_scripting():
         return F.embedding(index, source) * token_weight[pixel_token].unsqueeze(-1).to(source.dtype)
+    if not (torch.is_grad_enabled() and (source.requires_grad or token_weight.requires_grad)):
+        return F.embedding(index, source)  # times weights of exactly 1
     return _GatherRowsTop1.apply(source, index, inverse, token_weight, pixel_token)

@@ -19,7 +19,6 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import to_2tuple
 from timm.models import register_notrace_module
 
@@ -347,8 +346,6 @@ class PCEConv2d(nn.Module):
         rows = y.permute(0, 2, 3, 1).reshape(-1, o)
         may_drop = capacity * e < k * num_tokens  # static: some choices may have found no slot
         if k == 1 and not may_drop:  # every weight is p / stop_grad(p) == 1: only its gradient matters
-            if not torch.is_grad_enabled():
-                return F.embedding(index.reshape(-1), rows).view(b, ho * wo, o)
             gathered = gather_rows_top1(rows, index.reshape(-1), inverse, routing_weights[:, 0], pixel_token)
             return gathered.view(b, ho * wo, o)
         gathered = gather_rows(rows, index.reshape(-1), inverse).view(k, b * ho * wo, o)
