@@ -3,15 +3,17 @@
 Cases are timed interleaved (one run of each case per round, many rounds), so load that comes and goes on
 the machine hits every case alike and the ratios stay meaningful; each number is the median over rounds.
 """
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from .layers import PCEConv2d
+from .layers import pce as pce_module
 
 
 @dataclass
@@ -159,6 +161,110 @@ def format_table(timings: List[Timing], columns: List[str]) -> str:
         cells += [f'{t.forward_ms:.1f}', f'{t.forward_ratio:.2f}', f'{t.train_ms:.1f}', f'{t.train_ratio:.2f}']
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+class _FreeGather(torch.autograd.Function):
+    """Returns a stored tensor as the gather's output; the backward hands back stored zeros."""
+
+    @staticmethod
+    def forward(ctx, source, other_input, output, source_zeros, other_zeros):
+        ctx.zeros = (source_zeros, other_zeros)
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        source_zeros, other_zeros = ctx.zeros
+        return source_zeros, other_zeros, None, None, None
+
+
+class _StoredTensors:
+    """Tensors made once per shape and reused, so a stand-in costs no allocation or fill per step."""
+
+    def __init__(self):
+        self._store: Dict[tuple, torch.Tensor] = {}
+
+    def get(self, kind: str, like: torch.Tensor, make: Callable[[], torch.Tensor], *shape) -> torch.Tensor:
+        key = (kind, like.dtype) + tuple(shape)
+        if key not in self._store:
+            self._store[key] = make()
+        return self._store[key]
+
+
+@contextlib.contextmanager
+def free_gathers(store: _StoredTensors) -> Iterator[None]:
+    """Within the block, the top-1 sparse path's two gathers cost nothing (and compute nothing).
+
+    ``gather_windows`` returns stored random windows of the right shape and layout, and ``gather_rows_top1``
+    stored random rows; their backwards return stored zeros. Everything else in the layer runs as usual
+    (embedding, router, slot assignment, index maps, grouped conv, BatchNorm, ReLU, 1x1 mix), so a layer
+    timed inside this block gives a lower bound for any implementation of the two gathers, fused kernels
+    included. A timing tool only: the layer's output is meaningless inside the block.
+    """
+    def windows(x, pixel_index, slot_of_assignment, geometry):
+        s, wh, ww, e = pixel_index.shape
+        c = x.shape[1]
+        out = store.get('windows', x, lambda: torch.randn(s, wh, ww, e * c, dtype=x.dtype), s, wh, ww, e, c)
+        x_zeros = store.get('zeros', x, lambda: torch.zeros_like(x), *x.shape)
+        no_second = store.get('empty', x, lambda: x.new_zeros(0))
+        return _FreeGather.apply(x, no_second, out.permute(0, 3, 1, 2), x_zeros, None)
+
+    def rows_top1(source, index, inverse, token_weight, pixel_token):
+        m, d = index.shape[0], source.shape[1]
+        out = store.get('rows', source, lambda: torch.randn(m, d, dtype=source.dtype), m, d)
+        source_zeros = store.get('zeros', source, lambda: torch.zeros_like(source), *source.shape)
+        weight_zeros = store.get('zeros', token_weight, lambda: torch.zeros_like(token_weight), *token_weight.shape)
+        return _FreeGather.apply(source, token_weight, out, source_zeros, weight_zeros)
+
+    originals = pce_module.gather_windows, pce_module.gather_rows_top1
+    pce_module.gather_windows, pce_module.gather_rows_top1 = windows, rows_top1
+    try:
+        yield
+    finally:
+        pce_module.gather_windows, pce_module.gather_rows_top1 = originals
+
+
+class FreeGathers(nn.Module):
+    """A top-1 PCEConv2d whose two gathers cost nothing (:func:`free_gathers`): a timing lower bound."""
+
+    def __init__(self, layer: PCEConv2d):
+        super().__init__()
+        if layer.soft or layer.top_k != 1 or layer.capacity_factor < 1:
+            raise ValueError('FreeGathers times the top-1 sparse path with capacity_factor >= 1 (no choice dropped); '
+                             f'got a layer with {layer.extra_repr()}, capacity_factor={layer.capacity_factor}')
+        self.layer = layer
+        self._store = _StoredTensors()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with free_gathers(self._store):
+            return self.layer(x)
+
+
+def bound_cases(channels: int = 64, patch_size: int = 8, kernel_size: int = 3, num_experts: int = 8) -> List[Case]:
+    """Dense, dense + the 1x1 conv the PCE design adds, and top-1 PCE with its real and with free gathers."""
+    def dense_then_mix() -> nn.Module:
+        return nn.Sequential(dense_conv_bn_relu(channels, channels, kernel_size), nn.Conv2d(channels, channels, 1))
+
+    def top1(mix: bool = True) -> PCEConv2d:
+        return PCEConv2d(channels, channels, kernel_size, num_experts=num_experts, patch_size=patch_size, top_k=1,
+                         mix_conv=mix)
+
+    name = f'pce E={num_experts} top-1'
+    return [
+        Case('dense', lambda: dense_conv_bn_relu(channels, channels, kernel_size)),
+        Case('dense + 1x1 conv', dense_then_mix),
+        Case(name, top1),
+        Case(f'{name}, free gathers', lambda: FreeGathers(top1())),
+        Case(f'{name} no-mix, free gathers', lambda: FreeGathers(top1(mix=False))),
+    ]
+
+
+def bound_verdict(timings: List[Timing], num_experts: int = 8, limit: float = 1.25) -> Dict[str, object]:
+    """Whether faster gathers alone could bring top-1 under ``limit``: not if it misses with free gathers."""
+    by_name = {t.name: t for t in timings}
+    bound = by_name.get(f'pce E={num_experts} top-1, free gathers')
+    value = bound.train_ratio if bound else float('nan')
+    return {'case': f'pce E={num_experts} top-1, free gathers', 'value': round(value, 3), 'limit': limit,
+            'reachable_by_faster_gathers': bool(bound) and value <= limit}
 
 
 def timings_to_dict(timings: List[Timing]) -> List[Dict[str, object]]:

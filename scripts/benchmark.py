@@ -6,6 +6,7 @@
     python scripts/benchmark.py --section models     # PCE models next to timm's dense models, 224 px, b32
     python scripts/benchmark.py --section models --models pce_resnet18_e8 --model-rounds 5
     python scripts/benchmark.py --profile 'pce E=8 top-1'   # where one layer case spends its training step
+    python scripts/benchmark.py --section bound --rounds 30  # top-1 with free gathers: can faster gathers reach 1.25x?
 
 Ratios are measured in this run (interleaved rounds, medians), never compared across runs. Like every
 script here, the benchmark first tells glibc malloc to keep freed memory (pce_timm.runtime; PyTorch's CPU
@@ -17,13 +18,25 @@ import sys
 
 import torch
 
-from pce_timm.benchmark import format_table, layer_cases, layer_goals, profile_case, time_cases, timings_to_dict
+from pce_timm.benchmark import (
+    bound_cases,
+    bound_verdict,
+    format_table,
+    layer_cases,
+    layer_goals,
+    profile_case,
+    time_cases,
+    timings_to_dict,
+)
 from pce_timm.runtime import keep_freed_memory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--section', choices=('layers', 'models', 'all'), default='layers')
+    parser.add_argument('--section', choices=('layers', 'bound', 'models', 'all'), default='layers',
+                        help="layers: the layer table and its goals; bound: top-1 PCE with its two gathers made free "
+                             "(a lower bound for any gather implementation) next to dense and dense + 1x1 conv; "
+                             "models: whole PCE models next to timm's dense ones; all: the three")
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--channels', type=int, default=64)
     parser.add_argument('--size', type=int, default=32, help='layer input height = width')
@@ -39,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
     parser.add_argument('--json', metavar='PATH', help='also write the results as JSON')
     parser.add_argument('--profile', metavar='CASE',
-                        help="instead of timing, print torch.profiler's table for training steps of one layer case "
-                             "(a name from the layer table, e.g. 'pce E=8 top-1')")
+                        help="instead of timing, print torch.profiler's table for training steps of one case "
+                             "(a name from the layer or bound table, e.g. 'pce E=8 top-1')")
     args = parser.parse_args(argv)
     for name in ('batch_size', 'channels', 'size', 'patch_size', 'kernel_size', 'rounds', 'model_size',
                  'model_batch_size', 'model_rounds'):
@@ -66,10 +79,27 @@ def run_layers(args: argparse.Namespace) -> dict:
     return {'input_shape': list(shape), 'timings': timings_to_dict(timings), 'goals': goals}
 
 
+def run_bound(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    cases = bound_cases(args.channels, args.patch_size, args.kernel_size)
+    shape = (args.batch_size, args.channels, args.size, args.size)
+    timings = time_cases(cases, lambda: torch.randn(shape), rounds=args.rounds, desc='bound')
+    verdict = bound_verdict(timings)
+    print(f'\nLower bound: input {list(shape)}, patch {args.patch_size}, kernel {args.kernel_size}, '
+          f'{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds. "free gathers": the window '
+          'gather and the gather back to pixels return stored tensors and cost nothing, forward and backward.\n')
+    print(format_table(timings, []))
+    answer = 'yes' if verdict['reachable_by_faster_gathers'] else 'no'
+    print(f"\n[bound] {verdict['case']}: {verdict['value']} x dense fwd+bwd (limit {verdict['limit']}); "
+          f'can faster gathers alone meet the limit: {answer}')
+    return {'input_shape': list(shape), 'timings': timings_to_dict(timings), 'verdict': verdict}
+
+
 def run_profile(args: argparse.Namespace) -> int:
-    cases = {case.name: case for case in layer_cases(args.channels, args.patch_size, args.kernel_size)}
+    sizes = args.channels, args.patch_size, args.kernel_size
+    cases = {case.name: case for case in layer_cases(*sizes) + bound_cases(*sizes)}
     if args.profile not in cases:
-        print(f'error: --profile {args.profile!r} is not a layer case; choose one of: {", ".join(cases)}',
+        print(f'error: --profile {args.profile!r} is not a layer or bound case; choose one of: {", ".join(cases)}',
               file=sys.stderr)
         return 2
     shape = (args.batch_size, args.channels, args.size, args.size)
@@ -91,6 +121,8 @@ def main(argv=None) -> int:
           f'{"yes" if malloc_tuned else "no"}')
     if args.section in ('layers', 'all'):
         results['layers'] = run_layers(args)
+    if args.section in ('bound', 'all'):
+        results['bound'] = run_bound(args)
     if args.section in ('models', 'all'):
         from pce_timm.benchmark_models import run_models  # the model zoo is imported only when asked for
         results['models'] = run_models(args)
