@@ -332,3 +332,35 @@ def test_inference_with_batchnorm_folded_matches_eval_with_grad(top_k):
         unfolded = layer(x)
     assert unfolded.requires_grad
     torch.testing.assert_close(folded, unfolded, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_eval_output_of_an_image_does_not_depend_on_its_batch(top_k):
+    """In eval every patch gets its chosen experts even where training's capacity would have moved it."""
+    torch.manual_seed(0)
+    layer = PCEConv2d(4, 6, num_experts=4, patch_size=4, top_k=top_k).eval()
+    layer.logit_bias.copy_(torch.tensor([4.0, 2.0, 0.0, 0.0]))  # most patches choose expert 0 (then 1)
+    x = torch.randn(3, 4, 12, 12)
+    with torch.no_grad():
+        batched = layer(x)
+        assert (layer.last_expert_indices[..., 0] == 0).float().mean() > 0.5  # training capacity would overflow
+        reference = _reference_loop(layer, x)  # every patch through its own chosen experts
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_eval_routes_exactly_too():
+    torch.manual_seed(0)
+    layer = PCEConv2d(4, 6, num_experts=4, patch_size=4, top_k=1).eval()
+    layer.logit_bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    x = torch.randn(2, 4, 12, 12)
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+    torch.testing.assert_close(compiled(x), layer(x))
+    torch.testing.assert_close(torch.export.export(layer, (x,)).module()(x), layer(x))
+
+
+def test_sorted_experts_need_eval_mode():
+    experts = PCEConv2d(4, 6, num_experts=2, patch_size=4, top_k=1).experts.train()
+    with pytest.raises(RuntimeError, match='eval mode'):
+        experts.forward_sorted(torch.randn(2, 4, 6, 6), [1, 1])

@@ -10,7 +10,7 @@ Every expert takes part in every forward, so every parameter always has a gradie
 ``find_unused_parameters`` for routing). Shape legend: b batch, e experts, i/o in/out channels, c slots.
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -58,6 +58,25 @@ class ConvExperts(nn.Module):
                 fused BatchNorm.
         """
         return self._conv_bn_relu(windows, padding=0, groups=self.num_experts, valid=valid)
+
+    def forward_sorted(self, windows: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        """Eval: each expert on its own run of halo windows, sorted by expert: [a, i, wh, ww] -> [a, o, ph, pw].
+
+        Expert j takes the next ``counts[j]`` windows. BatchNorm (running statistics) is folded into each
+        expert's conv, which is the same function, with the same gradients, as conv then eval BatchNorm.
+        """
+        if self.training:
+            raise RuntimeError('forward_sorted uses BatchNorm running statistics: call it in eval mode')
+        weight, bias = self._folded_weight()
+        o = self.out_chs
+        outs: List[torch.Tensor] = []
+        start = 0
+        for j, count in enumerate(counts):
+            if count > 0:
+                expert = slice(j * o, (j + 1) * o)
+                outs.append(F.conv2d(windows[start:start + count], weight[expert], bias[expert], self.stride))
+            start += count
+        return F.relu(torch.cat(outs), inplace=True)
 
     def _conv_bn_relu(self, x: torch.Tensor, padding: int, groups: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """The experts' conv (``groups`` = 1: all experts on x; e: expert j on channel group j), BN, ReLU."""

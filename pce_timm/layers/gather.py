@@ -124,10 +124,16 @@ def gather_windows(
         geometry: ``[capacity, num_experts, ph, pw, halo_before, halo_after]``.
     """
     if torch.jit.is_scripting() or not (torch.is_grad_enabled() and x.requires_grad):
-        s, wh, ww, e = pixel_index.shape
-        windows = F.embedding(pixel_index.reshape(-1), _image_rows(x))
-        return windows.view(s, wh, ww, e * x.shape[1]).permute(0, 3, 1, 2)
+        return gather_windows_plain(x, pixel_index)
     return _GatherWindows.apply(x, pixel_index, slot_of_assignment, geometry)
+
+
+def gather_windows_plain(x: torch.Tensor, pixel_index: torch.Tensor) -> torch.Tensor:
+    """The windows of :func:`gather_windows` with autograd's own backward: pixel_index [s, wh, ww, e] -> [s, e * c,
+    wh, ww] in channels-last memory. For gathers whose backward is rare (no grad, eval) or has no slot map."""
+    s, wh, ww, e = pixel_index.shape
+    windows = F.embedding(pixel_index.reshape(-1), _image_rows(x))
+    return windows.view(s, wh, ww, e * x.shape[1]).permute(0, 3, 1, 2)
 
 
 def _gather_through_inverse(grad_out: torch.Tensor, inverse: torch.Tensor, every_row_read: bool) -> torch.Tensor:

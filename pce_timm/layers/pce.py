@@ -15,10 +15,11 @@ Two dispatch paths give the same answer where they overlap:
 Shape legend: b batch, c/o in/out channels, h/w input map, ho/wo output map, n patches, e experts,
 k top-k, d embedding dim, t = b * n tokens, s slots per expert (capacity).
 """
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import to_2tuple
 from timm.models import register_notrace_module
 
@@ -26,7 +27,7 @@ from .attention import DeformableAttention2d
 from .dispatch import assign_slots, expert_capacity, route
 from .embed import PatchEmbedSPP
 from .experts import ConvExperts
-from .gather import gather_rows, gather_rows_top1, gather_windows
+from .gather import gather_rows, gather_rows_top1, gather_windows, gather_windows_plain
 from .mix import mix_pixels
 from .patches import grid_size, halo, patch_positions, pixel_patch_index, window_index
 from .routers import (
@@ -46,6 +47,13 @@ def _is_exporting() -> bool:
     if torch.jit.is_scripting():
         return False
     return torch.compiler.is_exporting()
+
+
+def _is_tracing() -> bool:
+    """Inside torch.compile or torch.export, where sizes must not depend on tensor values."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -94,8 +102,10 @@ class PCEConv2d(nn.Module):
             router_noise_std: noise on positional logits while training ('positional' router or mode).
             router_hidden_dim: hidden width of the 'mlp' router.
             gumbel_tau: > 0 samples routing from a Gumbel-softmax with this temperature while training.
-            capacity_factor: sparse path: slots per expert = ceil(factor * t * k / E); with >= 1 no patch is
-                dropped (overflow is rerouted to free slots); the conv cost scales with the factor.
+            capacity_factor: sparse path while training: slots per expert = ceil(factor * t * k / E); with
+                >= 1 no patch is dropped (overflow is rerouted to free slots); the conv cost scales with the
+                factor. In eval every patch gets exactly its chosen experts, whatever the rest of the batch
+                routes (see :meth:`_forward_sparse_eval` and :meth:`_capacity`).
             mix_conv: 1x1 conv after the weighted sum; None = on when num_experts > 1.
             attention: add a deformable-attention residual after mixing (switch with ``set_attention``).
             attn_heads: heads of the attention module.
@@ -310,6 +320,52 @@ class PCEConv2d(nn.Module):
         inverse = torch.where(filled & (y < ho) & (x < wo), inverse, k * num_pixels)
         return index, inverse.reshape(-1)
 
+    def _capacity(self, num_tokens: int) -> int:
+        """Slots per expert of the batched sparse path (training, and eval inside torch.compile / export).
+
+        While training: ``capacity_factor`` (a patch whose expert is full moves to a free slot of another one,
+        so routing depends on the batch, as in Switch-style MoE training). In a compiled or exported eval graph,
+        whose sizes cannot depend on routing: every token, which always suffices, at up to E times the expert
+        conv. Eager eval takes :meth:`_forward_sparse_eval` instead.
+        """
+        if self.training:
+            return expert_capacity(num_tokens, self.num_experts, self.top_k, self.capacity_factor)
+        return num_tokens
+
+    def _forward_sparse_eval(
+            self,
+            x: torch.Tensor,
+            expert_indices: torch.Tensor,
+            routing_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Eval: every patch through exactly its chosen experts, each expert on just its own patches.
+
+        The (choice, patch) assignments are sorted by expert and every expert convolves its run of halo windows
+        (sizes read from the routing: eager and TorchScript only). No capacity, so no patch is moved to another
+        expert and an image's output never depends on the rest of its batch. Returns pixel rows [b, ho * wo, o].
+        """
+        b, h, w = x.shape[0], x.shape[2], x.shape[3]
+        e, k, o = self.num_experts, self.top_k, self.out_chs
+        num_tokens = expert_indices.shape[0]
+        n = num_tokens // b
+        chosen = expert_indices.t().reshape(-1)  # [a], choice-major: assignment = choice * t + token
+        order = torch.argsort(chosen, stable=True)
+        counts: List[int] = torch.bincount(chosen, minlength=e).tolist()
+        pixels = self._window_pixels(x, (order % num_tokens).unsqueeze(1), num_tokens)  # [a, wh, ww, 1]
+        y = self.experts.forward_sorted(gather_windows_plain(x, pixels), counts)  # [a, o, ph, pw]
+        ho, wo = self._out_size(h), self._out_size(w)
+        ph, pw = self._out_patch_size()
+        patch_of_pixel, offset = pixel_patch_index(ho, wo, (ph, pw), x.device)
+        pixel_token = (torch.arange(b, device=x.device).view(b, 1, 1) * n + patch_of_pixel).reshape(-1)
+        position = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=x.device))
+        choice = torch.arange(k, device=x.device).view(k, 1) * num_tokens
+        index = position[choice + pixel_token] * (ph * pw) + offset.reshape(1, -1).repeat(1, b)  # [k, b*ho*wo]
+        gathered = F.embedding(index, y.permute(0, 2, 3, 1).reshape(-1, o))  # [k, b*ho*wo, o]
+        if k == 1 and not (torch.is_grad_enabled() and routing_weights.requires_grad):
+            return gathered[0].view(b, ho * wo, o)  # top-1 weights are exactly 1
+        pixel_weight = routing_weights.t().to(y.dtype)[:, pixel_token]  # [k, b*ho*wo]
+        return (gathered * pixel_weight.unsqueeze(-1)).sum(0).view(b, ho * wo, o)
+
     def _forward_sparse(
             self,
             x: torch.Tensor,
@@ -320,11 +376,13 @@ class PCEConv2d(nn.Module):
 
         Returns the output as pixel rows [b, ho * wo, o].
         """
+        if not self.training and not _is_tracing():
+            return self._forward_sparse_eval(x, expert_indices, routing_weights)
         b, h, w = x.shape[0], x.shape[2], x.shape[3]
         e, k, o = self.num_experts, self.top_k, self.out_chs
         num_tokens = expert_indices.shape[0]
         n = num_tokens // b
-        capacity = expert_capacity(num_tokens, e, k, self.capacity_factor)
+        capacity = self._capacity(num_tokens)
         slot_of_assignment, assignment_of_slot = assign_slots(expert_indices, e, capacity)  # [k, t], [e * s]
         token_of_slot = torch.where(  # [s, e]
             assignment_of_slot < k * num_tokens, assignment_of_slot % num_tokens, num_tokens).view(e, capacity).t()
