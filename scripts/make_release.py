@@ -10,14 +10,14 @@ What it does, per model (see RELEASES):
 
 1. train with the repo's own trainer and recipe (scripts/configs/pce_resnet18_fmnist_release.yaml) into
    runs/release/<name>. A completed run with the same resolved config is reused; an interrupted one resumes
-   from its last checkpoint. The reported numbers are the final epoch on the test split; nothing is selected
-   on the test split.
-2. measure: params, GMACs (torch's FlopCounterMode, one image), top-1 / top-5 and routing statistics from the
-   run's results.json, training time.
+   from its last checkpoint. Nothing is selected on the test split: the released weights are the final epoch's.
+2. measure: params, GMACs (torch's FlopCounterMode, one image), training time from the run's results.json; top-1 /
+   top-5 and routing statistics by evaluating the final weights on the test split with this code (the same
+   evaluation as scripts/evaluate.py, written to <run>/eval_results.json).
 3. write the measured numbers into model_cards/pce_resnet.yaml (atomically; prose fields are kept).
 4. write the release folder releases/<name> (pce_timm.hub.write_release: config.json, model.safetensors,
-   README.md card rendered from the YAML, results.json) - atomically; an existing good release is only replaced
-   with --overwrite.
+   README.md card rendered from the YAML, results.json, eval_results.json) - atomically; an existing good
+   release is only replaced with --overwrite.
 5. for Hub models: install the release into the HF cache as pce-timm/<name> (pce_timm.hub.install_into_hf_cache)
    and check, in a fresh HF_HUB_OFFLINE=1 interpreter, that timm.create_model('<name>', pretrained=True) and
    timm.create_model('hf-hub:pce-timm/<name>', pretrained=True) load exactly the released weights.
@@ -245,23 +245,22 @@ def measure(spec: ReleaseSpec, run_dir: Path, args: argparse.Namespace) -> Dict[
         raise ReleaseCheckFailed(f'{run_dir}/results.json: top-1 is not the final epoch\'s')
     cmd = train_command(spec, args, run_dir)
     model_ref = f'local-dir:{rel(run_dir / "model")}'
-    # same batches as the run's final evaluation (top-1 routing reroutes overflow within a batch)
-    evaluate_cmd = (f'python scripts/evaluate.py --model {rel(run_dir)} --dataset {results["config"]["dataset"]} '
-                    f'--split {results["eval_split"]} --batch-size {results["config"]["eval_batch_size"]}')
+    evaluation, evaluate_cmd, evaluation_path = evaluate_run(run_dir, results, args)
     shape = ', '.join(map(str, input_size))
     return {
-        'top1': round(results['top1'], 2),
-        'top5': round(results['top5'], 2),
+        'top1': round(evaluation['top1'], 2),
+        'top5': round(evaluation['top5'], 2),
         'params_m': round(params / 1e6, 4),
         'gmacs': round(counter.get_total_flops() / 2e9, 4),
         'img_size': input_size[-1],
         'train_time_s': round(results['wall_time_s'], 1),
         'epochs': results['epochs'],
-        'routing': {k: v for k, v in (results.get('routing_summary') or {}).items() if v is not None},
+        'routing': {k: v for k, v in (evaluation.get('routing_summary') or {}).items() if v is not None},
         'results_path': run_dir / 'results.json',
+        'eval_results_path': evaluation_path,
         'run_dir': run_dir,
         'train_command': cmd,
-        'result_command': f'{cmd} (final epoch, results.json); re-measure: {evaluate_cmd}',
+        'result_command': evaluate_cmd,
         'params_command': (
             f'python -c "import timm, pce_timm; m = timm.create_model(\'{model_ref}\'); '
             f'print(sum(p.numel() for p in m.parameters()) / 1e6)"'),
@@ -271,6 +270,39 @@ def measure(spec: ReleaseSpec, run_dir: Path, args: argparse.Namespace) -> Dict[
             f'm(torch.zeros(1, {shape})); f.__exit__(None, None, None); print(f.get_total_flops() / 2e9)"'),
         'routing_command': evaluate_cmd,
     }
+
+
+def evaluate_run(run_dir: Path, results: Dict[str, Any], args: argparse.Namespace):
+    """Evaluate the run's final weights with this code, as ``scripts/evaluate.py`` does.
+
+    Returns the metrics, the command that reproduces them and the JSON file they were written to.
+
+    The card's numbers come from here rather than from the run's own last evaluation (results.json), so they are
+    what the printed command gives on the released weights, also after evaluation itself has changed. The metrics
+    are written to ``<run>/eval_results.json``, which the release ships next to the run's results.json.
+    """
+    from pce_timm.hub import EVAL_RESULTS_NAME
+    from pce_timm.train.evaluation import evaluate_model, save_results
+
+    config = results['config']
+    dataset, split, batch_size = config['dataset'], results['eval_split'], config['eval_batch_size']
+    limits = [] if config.get('max_eval_samples') is None else ['--max-samples', str(config['max_eval_samples'])]
+    data_dir = [] if config.get('data_dir') is None else ['--data-dir', str(config['data_dir'])]
+    command = ' '.join(['python scripts/evaluate.py', '--model', rel(run_dir), '--dataset', dataset, '--split', split,
+                        '--batch-size', str(batch_size), *data_dir, *limits])
+    print(f'  evaluating the final weights: {command}')
+    evaluation = evaluate_model(str(run_dir), dataset, split, config.get('data_dir'), batch_size,
+                                config.get('max_eval_samples'), progress=not args.no_progress)
+    if evaluation['num_params'] != results['num_params']:
+        raise ReleaseCheckFailed(f'{run_dir}: evaluated {evaluation["num_params"]} params, the run has '
+                                 f'{results["num_params"]}')
+    evaluation.pop('eval_time_s')  # not a property of the weights; without it a re-release is byte-identical
+    evaluation['model'] = rel(run_dir)  # no machine-specific absolute path in a released file
+    path = save_results(evaluation, run_dir / EVAL_RESULTS_NAME)
+    if round(evaluation['top1'], 2) != round(results['top1'], 2):
+        print(f'  note: top-1 {evaluation["top1"]:.2f} now, {results["top1"]:.2f} in the run\'s own final evaluation '
+              '(evaluation has changed since; the card reports the number measured now)')
+    return evaluation, command, path
 
 
 # ---------------------------------------------------------------- 3. card data
@@ -370,7 +402,7 @@ def load_run_model(run_dir: Path):
 
 
 def write_one_release(spec: ReleaseSpec, m: Dict[str, Any], args: argparse.Namespace, render) -> Path:
-    from pce_timm.hub import RESULTS_NAME, install_into_hf_cache, write_release
+    from pce_timm.hub import EVAL_RESULTS_NAME, RESULTS_NAME, install_into_hf_cache, write_release
     from pce_timm.models import hub_id
 
     check_replaceable(args.releases_dir / spec.name, args.overwrite)
@@ -387,6 +419,7 @@ def write_one_release(spec: ReleaseSpec, m: Dict[str, Any], args: argparse.Names
         card = render.render_baseline_card(pce, spec.name)
         extras = {}
     extras[RESULTS_NAME] = m['results_path']
+    extras[EVAL_RESULTS_NAME] = m['eval_results_path']
     release_dir = write_release(model, args.releases_dir / spec.name, model_card=card, extra_files=extras)
     print(f'  wrote {rel(release_dir)}: {", ".join(sorted(p.name for p in release_dir.iterdir()))}')
     if spec.hub and not args.no_install:

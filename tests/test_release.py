@@ -78,8 +78,8 @@ def _assert_weights(model: torch.nn.Module, expected: dict) -> None:
 
 def test_release_folders_card_and_yaml(released):
     release = released / 'releases' / NAME
-    assert sorted(p.name for p in release.iterdir()) == ['README.md', 'config.json', 'model.safetensors',
-                                                          'results.json']
+    assert sorted(p.name for p in release.iterdir()) == ['README.md', 'config.json', 'eval_results.json',
+                                                          'model.safetensors', 'results.json']
     config = json.loads((release / 'config.json').read_text())
     assert config['architecture'] == 'pce_resnet18' and config['num_classes'] == 10
     assert config['pretrained_cfg']['tag'] == 'fmnist' and config['pretrained_cfg']['input_size'] == [1, 28, 28]
@@ -87,16 +87,20 @@ def test_release_folders_card_and_yaml(released):
     assert {k: config['model_args'][k] for k in args} == json.loads(json.dumps(args))  # rebuilds via hf-hub:
 
     results = json.loads((release / 'results.json').read_text())
+    evaluation = json.loads((release / 'eval_results.json').read_text())  # the final weights, evaluated now
+    assert evaluation['num_samples'] == 50 and evaluation['num_params'] == results['num_params']
     data = yaml.safe_load((released / 'cards' / 'pce_resnet.yaml').read_text())
     entry = next(m for m in data['models'] if f'{m["model"]}.{m["tag"]}' == NAME)
-    assert entry['results'][0]['top1']['value'] == round(results['top1'], 2)
+    assert entry['results'][0]['top1']['value'] == round(evaluation['top1'], 2)
+    assert entry['results'][0]['top1']['command'].startswith('python scripts/evaluate.py --model ')
+    assert '--max-samples 50' in entry['results'][0]['top1']['command']
     assert entry['results'][0]['img_size'] == 28
     assert entry['params_m']['value'] == round(results['num_params'] / 1e6, 4)
     assert 'scripts/train.py --config' in entry['training']['command'] and '--max-train-samples 64' in \
         entry['training']['command']
     assert {'usage_entropy', 'dead_experts'} <= set(entry['results'][0]['routing'])
     assert entry['baseline']['top1']['value'] == round(
-        json.loads((released / 'releases' / DENSE / 'results.json').read_text())['top1'], 2)
+        json.loads((released / 'releases' / DENSE / 'eval_results.json').read_text())['top1'], 2)
     assert (released / 'cards' / 'pce_resnet.yaml').read_text().startswith('# PCE-ResNet model cards')
 
     card = (release / 'README.md').read_text()

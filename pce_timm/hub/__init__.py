@@ -11,6 +11,7 @@ from .push import PushResult, push_release
 from .release import (
     CARD_NAME,
     CONFIG_NAME,
+    EVAL_RESULTS_NAME,
     RESULTS_NAME,
     WEIGHTS_NAME,
     ReleaseError,
@@ -24,8 +25,8 @@ from .release import (
 )
 
 __all__ = [
-    'CARD_NAME', 'CONFIG_NAME', 'RESULTS_NAME', 'WEIGHTS_NAME', 'MissingWeightsError', 'PushResult',
-    'ReleaseError', 'ReleaseSource', 'check_safetensors', 'explain_missing_weights', 'file_etag',
+    'CARD_NAME', 'CONFIG_NAME', 'EVAL_RESULTS_NAME', 'RESULTS_NAME', 'WEIGHTS_NAME', 'MissingWeightsError',
+    'PushResult', 'ReleaseError', 'ReleaseSource', 'check_safetensors', 'explain_missing_weights', 'file_etag',
     'find_release_source', 'git_blob_sha1', 'hf_cache_dir', 'install_into_hf_cache', 'load_model_from_source',
     'load_pretrained_or_explain', 'push_release', 'release_commit_hash', 'release_files',
     'state_dict_to_safetensors', 'weights_repo_for', 'write_release',

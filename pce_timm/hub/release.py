@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from timm.models._hub import save_config_for_hf
 
 __all__ = [
-    'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'RESULTS_NAME', 'ReleaseError', 'ReleaseSource',
+    'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'RESULTS_NAME', 'EVAL_RESULTS_NAME', 'ReleaseError', 'ReleaseSource',
     'write_release', 'find_release_source', 'load_model_from_source', 'check_safetensors', 'release_files',
     'state_dict_to_safetensors',
 ]
@@ -38,7 +38,8 @@ __all__ = [
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
 CARD_NAME = 'README.md'
-RESULTS_NAME = 'results.json'
+RESULTS_NAME = 'results.json'  # the training run's record (its own evaluations included)
+EVAL_RESULTS_NAME = 'eval_results.json'  # the evaluation of the released weights behind the card's numbers
 _CORE_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 
 # bytes per element of every dtype a safetensors header may name
