@@ -152,13 +152,18 @@ def layer_goals(timings: List[Timing]) -> List[Dict[str, object]]:
     return goals
 
 
-def format_table(timings: List[Timing], columns: List[str]) -> str:
-    """Markdown table of timings; ``columns`` picks keys of ``Timing.info`` to show after the name."""
-    header = ['case'] + columns + ['fwd ms', 'fwd x', 'fwd+bwd ms', 'fwd+bwd x']
+def format_table(timings: List[Timing], columns: List[str], forward: bool = True) -> str:
+    """Markdown table of timings; ``columns`` picks keys of ``Timing.info`` to show after the name.
+
+    ``forward=False`` leaves out the forward (eval) columns and shows only the training step.
+    """
+    header = ['case'] + columns + (['fwd ms', 'fwd x'] if forward else []) + ['fwd+bwd ms', 'fwd+bwd x']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for t in timings:
         cells = [t.name] + [str(t.info.get(c, '')) for c in columns]
-        cells += [f'{t.forward_ms:.1f}', f'{t.forward_ratio:.2f}', f'{t.train_ms:.1f}', f'{t.train_ratio:.2f}']
+        if forward:
+            cells += [f'{t.forward_ms:.1f}', f'{t.forward_ratio:.2f}']
+        cells += [f'{t.train_ms:.1f}', f'{t.train_ratio:.2f}']
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -198,7 +203,8 @@ def free_gathers(store: _StoredTensors) -> Iterator[None]:
     stored random rows; their backwards return stored zeros. Everything else in the layer runs as usual
     (embedding, router, slot assignment, index maps, grouped conv, BatchNorm, ReLU, 1x1 mix), so a layer
     timed inside this block gives a lower bound for any implementation of the two gathers, fused kernels
-    included. A timing tool only: the layer's output is meaningless inside the block.
+    included. Only the training step is bounded so: eval takes the layer's exact path, which gathers by other
+    means. A timing tool only: the layer's output is meaningless inside the block.
     """
     def windows(x, pixel_index, slot_of_assignment, geometry):
         s, wh, ww, e = pixel_index.shape

@@ -85,10 +85,11 @@ def run_bound(args: argparse.Namespace) -> dict:
     shape = (args.batch_size, args.channels, args.size, args.size)
     timings = time_cases(cases, lambda: torch.randn(shape), rounds=args.rounds, desc='bound')
     verdict = bound_verdict(timings)
-    print(f'\nLower bound: input {list(shape)}, patch {args.patch_size}, kernel {args.kernel_size}, '
-          f'{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds. "free gathers": the window '
-          'gather and the gather back to pixels return stored tensors and cost nothing, forward and backward.\n')
-    print(format_table(timings, []))
+    print(f'\nLower bound for the training step: input {list(shape)}, patch {args.patch_size}, kernel '
+          f'{args.kernel_size}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds. '
+          '"free gathers": the window gather and the gather back to pixels return stored tensors and cost nothing, '
+          'forward and backward.\n')
+    print(format_table(timings, [], forward=False))
     answer = 'yes' if verdict['reachable_by_faster_gathers'] else 'no'
     print(f"\n[bound] {verdict['case']}: {verdict['value']} x dense fwd+bwd (limit {verdict['limit']}); "
           f'can faster gathers alone meet the limit: {answer}')

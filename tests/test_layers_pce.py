@@ -364,3 +364,9 @@ def test_sorted_experts_need_eval_mode():
     experts = PCEConv2d(4, 6, num_experts=2, patch_size=4, top_k=1).experts.train()
     with pytest.raises(RuntimeError, match='eval mode'):
         experts.forward_sorted(torch.randn(2, 4, 6, 6), [1, 1])
+
+
+def test_eval_on_meta_tensors_gives_shapes():
+    """timm's default-cfg checks run models on the meta device, where no routing can size the experts' runs."""
+    layer = PCEConv2d(4, 6, num_experts=4, patch_size=4, top_k=1, stride=2).eval().to('meta')
+    assert layer(torch.empty(2, 4, 12, 12, device='meta')).shape == (2, 6, 6, 6)

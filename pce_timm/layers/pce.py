@@ -6,8 +6,10 @@ router's weights, mixed by a 1x1 conv and optionally passed through deformable a
 
 Two dispatch paths give the same answer where they overlap:
 - soft (``top_k=None``): every expert on every pixel, one conv with E x out_chs channels;
-- sparse (``top_k=k``): every patch only to its k experts: halo windows are gathered into per-expert slots,
-  one grouped conv runs all experts, and the results are gathered back to pixels with their weights.
+- sparse (``top_k=k``): every patch only to its k experts. While training, halo windows are gathered into
+  per-expert slots of a static capacity, one grouped conv runs all experts, and the results are gathered back
+  to pixels with their weights. In eval the patches are sorted by expert and each expert convolves just its
+  own, so nothing depends on the rest of the batch.
 
 ``forward`` returns a Tensor. What routing did is kept on the module (``last_router_logits``,
 ``last_expert_indices``, ...) for aux losses (:mod:`.losses`) and statistics (:meth:`routing_stats`).
@@ -324,9 +326,9 @@ class PCEConv2d(nn.Module):
         """Slots per expert of the batched sparse path (training, and eval inside torch.compile / export).
 
         While training: ``capacity_factor`` (a patch whose expert is full moves to a free slot of another one,
-        so routing depends on the batch, as in Switch-style MoE training). In a compiled or exported eval graph,
-        whose sizes cannot depend on routing: every token, which always suffices, at up to E times the expert
-        conv. Eager eval takes :meth:`_forward_sparse_eval` instead.
+        so routing depends on the batch, as in Switch-style MoE training). In a compiled or exported eval graph
+        (or on meta tensors), whose sizes cannot depend on routing: every token, which always suffices, at up to
+        E times the expert conv. Eager eval takes :meth:`_forward_sparse_eval` instead.
         """
         if self.training:
             return expert_capacity(num_tokens, self.num_experts, self.top_k, self.capacity_factor)
@@ -376,7 +378,7 @@ class PCEConv2d(nn.Module):
 
         Returns the output as pixel rows [b, ho * wo, o].
         """
-        if not self.training and not _is_tracing():
+        if not self.training and not _is_tracing() and not x.is_meta:  # meta tensors hold no routing to size by
             return self._forward_sparse_eval(x, expert_indices, routing_weights)
         b, h, w = x.shape[0], x.shape[2], x.shape[3]
         e, k, o = self.num_experts, self.top_k, self.out_chs
