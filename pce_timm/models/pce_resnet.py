@@ -295,7 +295,8 @@ class PCEResNet(ResNet):
             router: the PCE layers' router ('cosine', 'mlp', 'positional', 'uniform').
             pce_stages: indices (0-3) of the stages built from PCE blocks.
             patch_size: routing patch size in pixels of each stage's output map; an int or one per stage.
-            capacity_factor: slots per expert in the sparse path, relative to a perfectly balanced load.
+            capacity_factor: slots per expert in the sparse path while training, relative to a perfectly balanced
+                load (eval routes every patch to exactly its chosen experts).
             embed_chs: channels of the patch embedding the router reads.
             attention: deformable attention in the PCE layers of the last PCE stage.
             gumbel_tau: > 0 samples routing from a Gumbel-softmax while training.
