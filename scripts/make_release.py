@@ -275,24 +275,28 @@ def measure(spec: ReleaseSpec, run_dir: Path, args: argparse.Namespace) -> Dict[
 def evaluate_run(run_dir: Path, results: Dict[str, Any], args: argparse.Namespace):
     """Evaluate the run's final weights with this code, as ``scripts/evaluate.py`` does.
 
-    Returns the metrics, the command that reproduces them and the JSON file they were written to.
-
     The card's numbers come from here rather than from the run's own last evaluation (results.json), so they are
     what the printed command gives on the released weights, also after evaluation itself has changed. The metrics
     are written to ``<run>/eval_results.json``, which the release ships next to the run's results.json.
+
+    Returns:
+        The metrics, the command that reproduces them and the JSON file they were written to.
     """
     from pce_timm.hub import EVAL_RESULTS_NAME
     from pce_timm.train.evaluation import evaluate_model, save_results
 
     config = results['config']
     dataset, split, batch_size = config['dataset'], results['eval_split'], config['eval_batch_size']
-    limits = [] if config.get('max_eval_samples') is None else ['--max-samples', str(config['max_eval_samples'])]
-    data_dir = [] if config.get('data_dir') is None else ['--data-dir', str(config['data_dir'])]
+    precision = config.get('mixed_precision', 'no')  # as trained (and one Accelerator state per process)
+    options = [] if config.get('data_dir') is None else ['--data-dir', str(config['data_dir'])]
+    options += [] if config.get('max_eval_samples') is None else ['--max-samples', str(config['max_eval_samples'])]
+    options += [] if precision == 'no' else ['--mixed-precision', precision]
     command = ' '.join(['python scripts/evaluate.py', '--model', rel(run_dir), '--dataset', dataset, '--split', split,
-                        '--batch-size', str(batch_size), *data_dir, *limits])
+                        '--batch-size', str(batch_size), *options])
     print(f'  evaluating the final weights: {command}')
     evaluation = evaluate_model(str(run_dir), dataset, split, config.get('data_dir'), batch_size,
-                                config.get('max_eval_samples'), progress=not args.no_progress)
+                                config.get('max_eval_samples'), mixed_precision=precision,
+                                progress=not args.no_progress)
     if evaluation['num_params'] != results['num_params']:
         raise ReleaseCheckFailed(f'{run_dir}: evaluated {evaluation["num_params"]} params, the run has '
                                  f'{results["num_params"]}')
