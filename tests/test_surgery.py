@@ -32,10 +32,10 @@ LAYERS = ('layer2.0.conv1', 'layer2.1.conv1', 'layer3.0.conv1', 'layer3.1.conv1'
 def tiny_model(**kwargs) -> nn.Module:
     """A 4-PCE-layer PCE-ResNet-18 for 8x8 inputs, with random norms so every expert computes something.
 
-    ``capacity_factor=8`` (>= the expert count) means no expert ever overflows, so sparse routing is exact.
+    The default capacity factor: in eval, sparse routing sends every patch to exactly its chosen experts anyway.
     """
     args = dict(stem_type='cifar', pce_stages=(1, 2), patch_size=1, channels=[8, 16, 32, 64], stem_width=8,
-                num_classes=10, in_chans=1, capacity_factor=8.0)
+                num_classes=10, in_chans=1)
     model = timm.create_model('pce_resnet18', **dict(args, **kwargs))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -22,9 +22,9 @@ What stays exact (in eval mode, up to float rounding), and what does not:
   original's. Top-1: the copies tie; whichever is chosen computes the same output with weight 1 (no bias:
   halving the pair's logits could hand patches to another expert). Top-k with 1 < k: the tied copies take two
   of a patch's k choices, so the output changes (a warning says so);
-- sparse (top-k) layers give each expert ``ceil(capacity_factor * t * k / e)`` slots: with e changed, a
-  layer whose experts overflow reroutes other patches than before. Exactness needs no overflow, e.g.
-  ``capacity_factor >= e``;
+- sparse (top-k) layers send every patch in eval to exactly its chosen experts, whatever e is (in training
+  each expert has ``ceil(capacity_factor * t * k / e)`` slots, so with e changed an overflowing layer reroutes
+  other patches than before);
 - a patch whose best experts tie (e.g. equidistant from two positional anchors) goes to whichever
   ``torch.topk`` lists first, which may differ once e changes;
 - the uniform router has no per-expert entries: it spreads patches round-robin over however many experts
