@@ -370,3 +370,19 @@ def test_eval_on_meta_tensors_gives_shapes():
     """timm's default-cfg checks run models on the meta device, where no routing can size the experts' runs."""
     layer = PCEConv2d(4, 6, num_experts=4, patch_size=4, top_k=1, stride=2).eval().to('meta')
     assert layer(torch.empty(2, 4, 12, 12, device='meta')).shape == (2, 6, 6, 6)
+
+
+def test_eval_capacity_factor_trades_exactness_for_the_training_cost():
+    torch.manual_seed(0)
+    layer = PCEConv2d(4, 6, num_experts=4, patch_size=4, top_k=1).eval()
+    layer.logit_bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))  # expert 0 overflows 1.0 x balanced capacity
+    x = torch.randn(2, 4, 12, 12)
+    exact = layer(x)
+    layer.eval_capacity_factor = 1.0
+    capped = layer(x)
+    assert not torch.allclose(capped, exact)  # the overflowing patches went to other experts
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+    torch.testing.assert_close(compiled(x), capped)
+    torch.testing.assert_close(torch.jit.script(layer)(x), capped)
+    with pytest.raises(ValueError, match='eval_capacity_factor'):
+        PCEConv2d(4, 6, top_k=1, eval_capacity_factor=0.0)

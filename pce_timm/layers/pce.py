@@ -69,6 +69,7 @@ class PCEConv2d(nn.Module):
     last_routing_weights: Optional[torch.Tensor]
     last_expert_indices: Optional[torch.Tensor]
     last_embeddings: Optional[torch.Tensor]
+    eval_capacity_factor: Optional[float]
 
     def __init__(
             self,
@@ -87,6 +88,7 @@ class PCEConv2d(nn.Module):
             router_hidden_dim: int = 64,
             gumbel_tau: float = 0.0,
             capacity_factor: float = 1.0,
+            eval_capacity_factor: Optional[float] = None,
             mix_conv: Optional[bool] = None,
             attention: bool = False,
             attn_heads: int = 4,
@@ -106,8 +108,12 @@ class PCEConv2d(nn.Module):
             gumbel_tau: > 0 samples routing from a Gumbel-softmax with this temperature while training.
             capacity_factor: sparse path while training: slots per expert = ceil(factor * t * k / E); with
                 >= 1 no patch is dropped (overflow is rerouted to free slots); the conv cost scales with the
-                factor. In eval every patch gets exactly its chosen experts, whatever the rest of the batch
-                routes (see :meth:`_forward_sparse_eval` and :meth:`_capacity`).
+                factor.
+            eval_capacity_factor: sparse path in eval. None (default): every patch gets exactly its chosen
+                experts, whatever the rest of the batch routes (see :meth:`_forward_sparse_eval`; a compiled or
+                exported graph then holds a slot per token at every expert). A number: slots per expert as in
+                training, so a compiled or exported graph costs what the training path does, but a patch whose
+                expert is full moves to another and predictions depend on the batch. Settable on a built layer.
             mix_conv: 1x1 conv after the weighted sum; None = on when num_experts > 1.
             attention: add a deformable-attention residual after mixing (switch with ``set_attention``).
             attn_heads: heads of the attention module.
@@ -132,6 +138,8 @@ class PCEConv2d(nn.Module):
             raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
         if capacity_factor <= 0:
             raise ValueError(f'capacity_factor must be > 0, got {capacity_factor}')
+        if eval_capacity_factor is not None and eval_capacity_factor <= 0:
+            raise ValueError(f'eval_capacity_factor must be None (exact routing) or > 0, got {eval_capacity_factor}')
         if gumbel_tau < 0:
             raise ValueError(f'gumbel_tau must be >= 0 (0 = off), got {gumbel_tau}')
 
@@ -147,6 +155,7 @@ class PCEConv2d(nn.Module):
         self.router_noise_std = router_noise_std
         self.gumbel_tau = gumbel_tau
         self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
         self.track_routing = track_routing
         self.routing_mode = 'router'
 
@@ -323,16 +332,18 @@ class PCEConv2d(nn.Module):
         return index, inverse.reshape(-1)
 
     def _capacity(self, num_tokens: int) -> int:
-        """Slots per expert of the batched sparse path (training, and eval inside torch.compile / export).
+        """Slots per expert of the batched sparse path.
 
         While training: ``capacity_factor`` (a patch whose expert is full moves to a free slot of another one,
-        so routing depends on the batch, as in Switch-style MoE training). In a compiled or exported eval graph
-        (or on meta tensors), whose sizes cannot depend on routing: every token, which always suffices, at up to
-        E times the expert conv. Eager eval takes :meth:`_forward_sparse_eval` instead.
+        so routing depends on the batch, as in Switch-style MoE training); in eval with ``eval_capacity_factor``
+        set, that factor, the same way. Exact eval in a compiled or exported graph (or on meta tensors), whose
+        sizes cannot depend on routing: every token, which always suffices, at up to E times the expert conv.
+        Exact eager eval takes :meth:`_forward_sparse_eval` instead.
         """
-        if self.training:
-            return expert_capacity(num_tokens, self.num_experts, self.top_k, self.capacity_factor)
-        return num_tokens
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None:
+            return num_tokens
+        return expert_capacity(num_tokens, self.num_experts, self.top_k, factor)
 
     def _forward_sparse_eval(
             self,
@@ -378,7 +389,8 @@ class PCEConv2d(nn.Module):
 
         Returns the output as pixel rows [b, ho * wo, o].
         """
-        if not self.training and not _is_tracing() and not x.is_meta:  # meta tensors hold no routing to size by
+        exact = not self.training and self.eval_capacity_factor is None
+        if exact and not _is_tracing() and not x.is_meta:  # meta tensors hold no routing to size by
             return self._forward_sparse_eval(x, expert_indices, routing_weights)
         b, h, w = x.shape[0], x.shape[2], x.shape[3]
         e, k, o = self.num_experts, self.top_k, self.out_chs
