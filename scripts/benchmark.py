@@ -62,38 +62,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_layers(args: argparse.Namespace) -> dict:
+def layer_input_shape(args: argparse.Namespace) -> tuple:
+    return (args.batch_size, args.channels, args.size, args.size)
+
+
+def time_layer_cases(args: argparse.Namespace, cases: list, desc: str) -> tuple:
+    """Time ``cases`` on the layer input (seeded); returns the timings and a line describing the setting."""
     torch.manual_seed(0)
-    cases = layer_cases(args.channels, args.patch_size, args.kernel_size)
-    shape = (args.batch_size, args.channels, args.size, args.size)
-    timings = time_cases(cases, lambda: torch.randn(shape), rounds=args.rounds, desc='layers')
+    shape = layer_input_shape(args)
+    timings = time_cases(cases, lambda: torch.randn(shape), rounds=args.rounds, desc=desc)
+    setting = (f'input {list(shape)}, patch {args.patch_size}, kernel {args.kernel_size}, '
+               f'{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds')
+    return timings, setting
+
+
+def run_layers(args: argparse.Namespace) -> dict:
+    timings, setting = time_layer_cases(args, layer_cases(args.channels, args.patch_size, args.kernel_size), 'layers')
     goals = layer_goals(timings)
-    print(f'\nLayers: input {list(shape)}, patch {args.patch_size}, kernel {args.kernel_size}, '
-          f'{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds\n')
+    print(f'\nLayers: {setting}\n')
     print(format_table(timings, ['E', 'routing', 'mix_conv']))
     print()
     for goal in goals:
         status = 'OK ' if goal['ok'] else 'MISS'
         target = f", goal {goal['target']}" if goal['target'] else ''
         print(f"[{status}] {goal['goal']}: {goal['value']} (limit {goal['limit']}{target}) [{goal['case']}]")
-    return {'input_shape': list(shape), 'timings': timings_to_dict(timings), 'goals': goals}
+    return {'input_shape': list(layer_input_shape(args)), 'timings': timings_to_dict(timings), 'goals': goals}
 
 
 def run_bound(args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    cases = bound_cases(args.channels, args.patch_size, args.kernel_size)
-    shape = (args.batch_size, args.channels, args.size, args.size)
-    timings = time_cases(cases, lambda: torch.randn(shape), rounds=args.rounds, desc='bound')
+    timings, setting = time_layer_cases(args, bound_cases(args.channels, args.patch_size, args.kernel_size), 'bound')
     verdict = bound_verdict(timings)
-    print(f'\nLower bound for the training step: input {list(shape)}, patch {args.patch_size}, kernel '
-          f'{args.kernel_size}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds. '
-          '"free gathers": the window gather and the gather back to pixels return stored tensors and cost nothing, '
-          'forward and backward.\n')
+    print(f'\nLower bound for the training step: {setting}. "free gathers": the window gather and the gather back '
+          'to pixels return stored tensors and cost nothing, forward and backward.\n')
     print(format_table(timings, [], forward=False))
     answer = 'yes' if verdict['reachable_by_faster_gathers'] else 'no'
     print(f"\n[bound] {verdict['case']}: {verdict['value']} x dense fwd+bwd (limit {verdict['limit']}); "
           f'can faster gathers alone meet the limit: {answer}')
-    return {'input_shape': list(shape), 'timings': timings_to_dict(timings), 'verdict': verdict}
+    return {'input_shape': list(layer_input_shape(args)), 'timings': timings_to_dict(timings), 'verdict': verdict}
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -103,7 +108,7 @@ def run_profile(args: argparse.Namespace) -> int:
         print(f'error: --profile {args.profile!r} is not a layer or bound case; choose one of: {", ".join(cases)}',
               file=sys.stderr)
         return 2
-    shape = (args.batch_size, args.channels, args.size, args.size)
+    shape = layer_input_shape(args)
     torch.manual_seed(0)
     print(f'{args.profile}: input {list(shape)}, {torch.get_num_threads()} threads, 5 training steps\n')
     print(profile_case(cases[args.profile], lambda: torch.randn(shape)))
