@@ -58,6 +58,13 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
+def _weighted_sum(gathered: torch.Tensor, pixel_weight: torch.Tensor) -> torch.Tensor:
+    """Sum over choices of gathered rows [k, m, o] times their weights [k, m] -> [m, o]."""
+    if gathered.shape[0] == 1:  # static: skip the reduction copy
+        return gathered[0] * pixel_weight[0].unsqueeze(-1)
+    return (gathered * pixel_weight.unsqueeze(-1)).sum(0)
+
+
 def _check_positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'{name} must be an int >= 1, got {value!r}')
@@ -331,6 +338,12 @@ class PCEConv2d(nn.Module):
         inverse = torch.where(filled & (y < ho) & (x < wo), inverse, k * num_pixels)
         return index, inverse.reshape(-1)
 
+    def _pixel_tokens(
+            self, b: int, n: int, ho: int, wo: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The token (``image * n + patch``) of every output pixel [b * ho * wo]; its offset in the patch [ho, wo]."""
+        patch_of_pixel, offset = pixel_patch_index(ho, wo, self._out_patch_size(), device)
+        return (torch.arange(b, device=device).view(b, 1, 1) * n + patch_of_pixel).reshape(-1), offset
+
     def _capacity(self, num_tokens: int) -> int:
         """Slots per expert of the batched sparse path.
 
@@ -368,8 +381,7 @@ class PCEConv2d(nn.Module):
         y = self.experts.forward_sorted(gather_windows_plain(x, pixels), counts)  # [a, o, ph, pw]
         ho, wo = self._out_size(h), self._out_size(w)
         ph, pw = self._out_patch_size()
-        patch_of_pixel, offset = pixel_patch_index(ho, wo, (ph, pw), x.device)
-        pixel_token = (torch.arange(b, device=x.device).view(b, 1, 1) * n + patch_of_pixel).reshape(-1)
+        pixel_token, offset = self._pixel_tokens(b, n, ho, wo, x.device)
         position = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=x.device))
         choice = torch.arange(k, device=x.device).view(k, 1) * num_tokens
         index = position[choice + pixel_token] * (ph * pw) + offset.reshape(1, -1).repeat(1, b)  # [k, b*ho*wo]
@@ -377,7 +389,7 @@ class PCEConv2d(nn.Module):
         if k == 1 and not (torch.is_grad_enabled() and routing_weights.requires_grad):
             return gathered[0].view(b, ho * wo, o)  # top-1 weights are exactly 1
         pixel_weight = routing_weights.t().to(y.dtype)[:, pixel_token]  # [k, b*ho*wo]
-        return (gathered * pixel_weight.unsqueeze(-1)).sum(0).view(b, ho * wo, o)
+        return _weighted_sum(gathered, pixel_weight).view(b, ho * wo, o)
 
     def _forward_sparse(
             self,
@@ -412,8 +424,7 @@ class PCEConv2d(nn.Module):
             valid = self._valid_outputs(token_of_slot, num_tokens, n, ho, wo)
         y = self.experts.forward_windows(windows, valid)  # [s, e * o, ph, pw]
 
-        patch_of_pixel = pixel_patch_index(ho, wo, (ph, pw), x.device)[0]
-        pixel_token = (torch.arange(b, device=x.device).view(b, 1, 1) * n + patch_of_pixel).reshape(-1)
+        pixel_token = self._pixel_tokens(b, n, ho, wo, x.device)[0]
         index, inverse = self._output_rows(slot_of_assignment, assignment_of_slot, pixel_token, capacity, b, ho, wo)
         rows = y.permute(0, 2, 3, 1).reshape(-1, o)
         may_drop = capacity * e < k * num_tokens  # static: some choices may have found no slot
@@ -424,11 +435,7 @@ class PCEConv2d(nn.Module):
         pixel_weight = routing_weights.t().to(y.dtype)[:, pixel_token]  # [k, b*ho*wo]
         if may_drop:  # dropped choices add nothing
             pixel_weight = pixel_weight * (slot_of_assignment[:, pixel_token] < e * capacity).to(y.dtype)
-        if k == 1:  # static: skip the reduction copy
-            out = gathered[0] * pixel_weight[0].unsqueeze(-1)
-        else:
-            out = (gathered * pixel_weight.unsqueeze(-1)).sum(0)
-        return out.view(b, ho * wo, o)
+        return _weighted_sum(gathered, pixel_weight).view(b, ho * wo, o)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         fill_missing_buffer(self, state_dict, prefix, 'logit_bias')  # checkpoints from before the buffer
