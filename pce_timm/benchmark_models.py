@@ -53,9 +53,9 @@ def _create(name: str) -> nn.Module:
 def count_gmacs(model: nn.Module, input_size: int, in_chans: int = 3, batch_size: int = 1) -> float:
     """Multiply-accumulates (in billions) per image of one eval forward of ``batch_size`` images.
 
-    Counted at the batch that is timed: a sparse PCE layer gives each expert at least one slot, so with
-    fewer patches in the batch than experts (batch 1, few patches) it computes empty slots too, and MACs
-    per image depend on the batch.
+    Counted at the batch that is timed. In eval a sparse PCE layer runs each expert on exactly its own
+    patches, so MACs per image do not depend on the batch; a compiled graph or ``eval_capacity_factor``
+    would use per-expert slots, whose count (and empty slots) does.
     """
     model.eval()
     counter = FlopCounterMode(display=False)
