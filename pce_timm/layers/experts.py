@@ -1,7 +1,7 @@
 """E stacked Conv(k x k) - BatchNorm - ReLU experts.
 
 All experts live in one weight [e, o, i, k, k] and one BatchNorm over e * o channels, so expert ``j`` owns
-channels ``j * o .. (j + 1) * o``. Both dispatch paths use the same parameters:
+channels ``j * o .. (j + 1) * o``. All three ways of running them use the same parameters:
 
 - dense: one conv with e * o output channels over the whole map (every expert on every pixel);
 - windows: one grouped conv (groups = e) over per-expert buffers of halo windows [c, e * i, wh, ww];
