@@ -12,8 +12,7 @@ training step (forward + backward) in train mode. MACs are counted with ``torch.
 matmuls: the ops that cost; gathers and element-wise ops are not counted) per image of the timed batch, in
 eval mode.
 """
-import argparse
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import timm
 import torch
@@ -22,9 +21,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pce_timm  # noqa: F401  (registers the pce_* models)
 
-from .benchmark import Case, time_cases
+from .benchmark import Case, Timing, markdown_table
 
-__all__ = ['DEFAULT_MODELS', 'baseline_of', 'count_gmacs', 'model_cases', 'model_goals', 'run_models']
+__all__ = ['DEFAULT_MODELS', 'baseline_of', 'count_gmacs', 'model_cases', 'model_goals', 'model_rows',
+           'format_model_table']
 
 DEFAULT_MODELS = (
     'pce_resnet18', 'pce_resnet18_e8', 'pce_resnet34', 'pce_resnet34_e8', 'pce_resnet50', 'pce_resnet50_e8',
@@ -64,71 +64,56 @@ def count_gmacs(model: nn.Module, input_size: int, in_chans: int = 3, batch_size
     return counter.get_total_flops() / 2e9 / batch_size
 
 
-def model_cases(names: List[str]) -> List[Case]:
+def model_cases(names: List[str], input_size: int = 224, batch_size: int = 32) -> List[Case]:
     """One case per model and per distinct baseline, each baseline right before the models that use it.
 
-    Each case builds its model once: timing, parameter count and MACs all measure that one instance.
+    Each case builds its model once: timing, parameter count and MACs (in ``info``) all measure that one
+    instance. A model's reference (``Case.ref``) is its dense baseline; a baseline's is itself.
     """
     cases, seen = [], set()
     for name in names:
-        for case_name, role in ((baseline_of(name), 'dense'), (name, 'pce' if name.startswith('pce_') else 'moe')):
-            if case_name not in seen:
-                seen.add(case_name)
-                model = _create(case_name)
-                cases.append(Case(case_name, lambda m=model: m, {'role': role}))
+        base = baseline_of(name)
+        for case_name, role in ((base, 'dense'), (name, 'pce' if name.startswith('pce_') else 'moe')):
+            if case_name in seen:
+                continue
+            seen.add(case_name)
+            model = _create(case_name)
+            info = {'role': role, 'baseline': None if role == 'dense' else base,
+                    'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+                    'gmacs': count_gmacs(model, input_size, batch_size=batch_size)}
+            cases.append(Case(case_name, lambda m=model: m, info, {base if role != 'dense' else case_name: 1.0}))
     return cases
 
 
+def model_rows(timings: List[Timing], batch_size: int) -> List[Dict[str, object]]:
+    """Throughput rows (images per second, and x = throughput / the baseline's) from timed model cases."""
+    return [{
+        'model': t.name, 'baseline': t.info['baseline'], 'params_m': t.info['params_m'], 'gmacs': t.info['gmacs'],
+        'infer_img_s': batch_size * 1e3 / t.forward_ms, 'train_img_s': batch_size * 1e3 / t.train_ms,
+        'infer_x': 1 / t.forward_ratio, 'train_x': 1 / t.train_ratio,
+    } for t in timings]
+
+
 def model_goals(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Issue 3's throughput goals for pce_resnet18_e8 (E=8, top-1) against resnet18."""
+    """Issue 12's throughput goals for pce_resnet18_e8 (E=8, top-1) against resnet18."""
     by_name = {row['model']: row for row in rows}
     row = by_name.get('pce_resnet18_e8')
     goals = []
-    for label, key, limit in (('pce_resnet18_e8 train throughput / resnet18', 'train_x', 0.8),
-                              ('pce_resnet18_e8 inference throughput / resnet18', 'infer_x', 0.85)):
+    for label, key, limit in (('pce_resnet18_e8 train throughput / resnet18', 'train_x', 0.9),
+                              ('pce_resnet18_e8 inference throughput / resnet18', 'infer_x', 0.95)):
         value = row[key] if row else float('nan')
         goals.append({'goal': label, 'value': round(value, 3), 'limit': limit, 'ok': bool(row) and value >= limit})
     return goals
 
 
-def format_model_table(rows: List[Dict[str, object]]) -> str:
-    header = ['model', 'vs', 'params (M)', 'GMACs', 'infer img/s', 'infer x', 'train img/s', 'train x']
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    for r in rows:
+def format_model_table(rows: List[Dict[str, object]], processes: List[str] = ()) -> str:
+    """Markdown table of :func:`model_rows`; ``processes`` (one label per row) adds a ``process`` column."""
+    header = ['model'] + (['process'] if processes else []) + [
+        'vs', 'params (M)', 'GMACs', 'infer img/s', 'infer x', 'train img/s', 'train x']
+    table = []
+    for i, r in enumerate(rows):
         ratio = (lambda v: f'{v:.2f}') if r['baseline'] else (lambda v: '')
-        lines.append('| ' + ' | '.join([
-            r['model'], r['baseline'] or '-', f"{r['params_m']:.2f}", f"{r['gmacs']:.2f}",
-            f"{r['infer_img_s']:.1f}", ratio(r['infer_x']), f"{r['train_img_s']:.1f}", ratio(r['train_x'])]) + ' |')
-    return '\n'.join(lines)
-
-
-def run_models(args: argparse.Namespace, names: Optional[List[str]] = None) -> Dict[str, object]:
-    """Time ``names`` (default: ``args.models`` or :data:`DEFAULT_MODELS`) and their baselines; print a table."""
-    names = list(names or getattr(args, 'models', None) or DEFAULT_MODELS)
-    size, batch = args.model_size, args.model_batch_size
-    torch.manual_seed(0)
-    cases = model_cases(names)
-    timings = time_cases(cases, lambda: torch.randn(batch, 3, size, size), rounds=args.model_rounds, warmup=1,
-                         desc='models')
-    by_name = {t.name: t for t in timings}
-    rows = []
-    for case, timing in zip(cases, timings, strict=True):
-        model = case.build()  # the instance that was timed
-        base = None if case.info['role'] == 'dense' else by_name[baseline_of(case.name)]
-        rows.append({
-            'model': case.name, 'baseline': base.name if base else None,
-            'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
-            'gmacs': count_gmacs(model, size, batch_size=batch),
-            'infer_img_s': batch * 1e3 / timing.forward_ms, 'train_img_s': batch * 1e3 / timing.train_ms,
-            'infer_x': base.forward_ms / timing.forward_ms if base else 1.0,
-            'train_x': base.train_ms / timing.train_ms if base else 1.0,
-        })
-    goals = model_goals(rows)
-    print(f'\nModels: batch {batch}, {size}x{size} px, {torch.get_num_threads()} threads, median of '
-          f'{args.model_rounds} interleaved rounds; x = throughput / the dense baseline in "vs" (higher is '
-          'better)\n')
-    print(format_model_table(rows))
-    print()
-    for goal in goals:
-        print(f"[{'OK ' if goal['ok'] else 'MISS'}] {goal['goal']}: {goal['value']} (at least {goal['limit']})")
-    return {'input_size': [batch, 3, size, size], 'rows': rows, 'goals': goals}
+        table.append([r['model']] + ([processes[i]] if processes else []) + [
+            r['baseline'] or '-', f"{r['params_m']:.2f}", f"{r['gmacs']:.2f}",
+            f"{r['infer_img_s']:.1f}", ratio(r['infer_x']), f"{r['train_img_s']:.1f}", ratio(r['train_x'])])
+    return markdown_table(header, table)

@@ -1,41 +1,56 @@
 #!/usr/bin/env python
-"""Benchmark PCE layers (and models) against dense baselines, side by side in one process.
+"""Benchmark PCE layers (and models) against dense baselines, side by side in one run.
 
     python scripts/benchmark.py                      # layer table at B=32, C=64, 32x32, patch 8, k=3
     python scripts/benchmark.py --rounds 20 --json bench.json
+    python scripts/benchmark.py --tuned              # + a row per case with glibc malloc tuning
+    python scripts/benchmark.py --old-rev main       # + the same cases on the code of git revision main
     python scripts/benchmark.py --section models     # PCE models next to timm's dense models, 224 px, b32
     python scripts/benchmark.py --section models --models pce_resnet18_e8 --model-rounds 5
     python scripts/benchmark.py --profile 'pce E=8 top-1'   # where one layer case spends its training step
     python scripts/benchmark.py --section bound --rounds 30  # top-1 with free gathers: can faster gathers reach 1.25x?
 
-Ratios are measured in this run (interleaved rounds, medians), never compared across runs. Like every
-script here, the benchmark first tells glibc malloc to keep freed memory (pce_timm.runtime; PyTorch's CPU
-guide recommends jemalloc/TCMalloc for the same reason); PCE_TIMM_MALLOC_TUNING=0 measures without it.
+Speed is measured as a user's process gets it: every case runs in a plain worker subprocess, and nothing
+changes the allocator unless asked. --tuned adds a worker with glibc malloc tuning (PCE_TIMM_MALLOC_TUNING=1,
+pce_timm.runtime), --jemalloc one with jemalloc preloaded (Debian: apt-get install libjemalloc2); each shows
+as a second row per case, labelled in the "process" column. --old-rev REV times the code of REV (a temporary
+git worktree, timed by this harness) in workers of its own. All workers' rounds are interleaved, so ratios are
+measured in this run (medians), never compared across runs. The goals are read on this tree's plain rows.
 """
 import argparse
+import contextlib
 import json
 import sys
+from typing import Dict, List, Optional
 
 import torch
 
 from pce_timm.benchmark import (
+    PROCESSES,
+    THIS_TREE,
+    VariantTimings,
     bound_cases,
     bound_verdict,
+    find_jemalloc,
+    format_new_over_old,
     format_table,
+    git_worktree,
     layer_cases,
     layer_goals,
+    make_variants,
+    new_over_old,
     profile_case,
-    time_cases,
+    resolve_commit,
+    time_variants,
     timings_to_dict,
 )
-from pce_timm.runtime import keep_freed_memory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--section', choices=('layers', 'bound', 'models', 'all'), default='layers',
                         help="layers: the layer table and its goals; bound: top-1 PCE with its two gathers made free "
-                             "(a lower bound for any gather implementation) next to dense and dense + 1x1 conv; "
+                             "(a lower bound for any gather implementation) next to its dense blocks; "
                              "models: whole PCE models next to timm's dense ones; all: the three")
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--channels', type=int, default=64)
@@ -50,15 +65,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--model-batch-size', type=int, default=32)
     parser.add_argument('--model-rounds', type=int, default=3, help='models section: timed rounds per model')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
+    parser.add_argument('--tuned', action='store_true',
+                        help=f'also time every case in a worker with glibc malloc tuning ({PROCESSES["glibc tuned"]})')
+    parser.add_argument('--jemalloc', nargs='?', const='auto', metavar='LIB',
+                        help='also time every case in a worker with jemalloc preloaded (LD_PRELOAD=LIB; default: the '
+                             'libjemalloc the dynamic loader finds, Debian: apt-get install libjemalloc2)')
+    parser.add_argument('--old-rev', metavar='REV',
+                        help='also time the same cases on the code of git revision REV (a temporary git worktree, '
+                             'removed afterwards), rounds interleaved with this tree, and print new/old ratios')
     parser.add_argument('--json', metavar='PATH', help='also write the results as JSON')
     parser.add_argument('--profile', metavar='CASE',
                         help="instead of timing, print torch.profiler's table for training steps of one case "
-                             "(a name from the layer or bound table, e.g. 'pce E=8 top-1')")
+                             "(a name from the layer or bound table, e.g. 'pce E=8 top-1'), in this plain process")
     args = parser.parse_args(argv)
     for name in ('batch_size', 'channels', 'size', 'patch_size', 'kernel_size', 'rounds', 'model_size',
                  'model_batch_size', 'model_rounds'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.jemalloc == 'auto':
+        args.jemalloc = find_jemalloc()
+        if not args.jemalloc:
+            parser.error('--jemalloc: no libjemalloc found (Debian: apt-get install libjemalloc2), or pass its path')
     return args
 
 
@@ -66,39 +93,100 @@ def layer_input_shape(args: argparse.Namespace) -> tuple:
     return (args.batch_size, args.channels, args.size, args.size)
 
 
-def time_layer_cases(args: argparse.Namespace, cases: list, desc: str) -> tuple:
-    """Time ``cases`` on the layer input (seeded); returns the timings and a line describing the setting."""
-    torch.manual_seed(0)
-    shape = layer_input_shape(args)
-    timings = time_cases(cases, lambda: torch.randn(shape), rounds=args.rounds, desc=desc)
-    setting = (f'input {list(shape)}, patch {args.patch_size}, kernel {args.kernel_size}, '
-               f'{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds')
-    return timings, setting
+def _layer_spec(args: argparse.Namespace, section: str) -> dict:
+    return {'section': section, 'input_shape': list(layer_input_shape(args)), 'patch_size': args.patch_size,
+            'kernel_size': args.kernel_size, 'threads': args.threads}
 
 
-def run_layers(args: argparse.Namespace) -> dict:
-    timings, setting = time_layer_cases(args, layer_cases(args.channels, args.patch_size, args.kernel_size), 'layers')
+def _by_label(results: List[VariantTimings]) -> Optional[Dict[str, list]]:
+    """``{label: timings}`` for a table with a process column, or None when there is one variant."""
+    return {r.variant.label: r.timings for r in results} if len(results) > 1 else None
+
+
+def _section_json(results: List[VariantTimings], primary: dict, judge) -> dict:
+    """This tree's plain figures at the top (``timings`` and what they are judged by), every variant below."""
+    out = dict(primary)
+    out['variants'] = {r.variant.label: {'code': r.variant.code, 'process': r.variant.process, **r.meta,
+                                         'timings': timings_to_dict(r.timings), **judge(r.timings)}
+                       for r in results}
+    out['new_over_old'] = new_over_old(results)
+    return out
+
+
+def _print_new_over_old(results: List[VariantTimings], forward: bool = True) -> None:
+    rows = new_over_old(results)
+    if rows:
+        print(f'\nNew / old: time of {THIS_TREE} / time of {rows[0]["old"]} (below 1: the new code is faster)\n')
+        print(format_new_over_old(rows, forward=forward))
+
+
+def _setting(results: List[VariantTimings], rounds: int) -> str:
+    return f'{results[0].meta["threads"]} threads, median of {rounds} interleaved rounds'
+
+
+def run_layers(args: argparse.Namespace, variants: list) -> dict:
+    results = time_variants(_layer_spec(args, 'layers'), variants, rounds=args.rounds, desc='layers')
+    timings = results[0].timings
     goals = layer_goals(timings)
-    print(f'\nLayers: {setting}\n')
-    print(format_table(timings, ['E', 'routing', 'mix_conv']))
+    print(f'\nLayers: input {list(layer_input_shape(args))}, patch {args.patch_size}, kernel {args.kernel_size}, '
+          f'{_setting(results, args.rounds)}; x = time / the dense block in "vs" (lower is better)\n')
+    print(format_table(timings, ['E', 'routing', 'mix_conv', 'vs'], variants=_by_label(results)))
     print()
     for goal in goals:
         status = 'OK ' if goal['ok'] else 'MISS'
         target = f", goal {goal['target']}" if goal['target'] else ''
-        print(f"[{status}] {goal['goal']}: {goal['value']} (limit {goal['limit']}{target}) [{goal['case']}]")
-    return {'input_shape': list(layer_input_shape(args)), 'timings': timings_to_dict(timings), 'goals': goals}
+        print(f"[{status}] {goal['goal']}: {goal['value']} (limit {goal['limit']}{target}) [{goal['case']}, "
+              f'{results[0].variant.label}]')
+    _print_new_over_old(results)
+    primary = {'input_shape': list(layer_input_shape(args)), 'timings': timings_to_dict(timings), 'goals': goals}
+    return _section_json(results, primary, lambda t: {'goals': layer_goals(t)})
 
 
-def run_bound(args: argparse.Namespace) -> dict:
-    timings, setting = time_layer_cases(args, bound_cases(args.channels, args.patch_size, args.kernel_size), 'bound')
+def run_bound(args: argparse.Namespace, variants: list) -> dict:
+    results = time_variants(_layer_spec(args, 'bound'), variants, rounds=args.rounds, desc='bound')
+    timings = results[0].timings
     verdict = bound_verdict(timings)
-    print(f'\nLower bound for the training step: {setting}. "free gathers": the window gather and the gather back '
-          'to pixels return stored tensors and cost nothing, forward and backward.\n')
-    print(format_table(timings, [], forward=False))
+    print(f'\nLower bound for the training step: input {list(layer_input_shape(args))}, patch {args.patch_size}, '
+          f'kernel {args.kernel_size}, {_setting(results, args.rounds)}. "free gathers": the window gather '
+          'and the gather back to pixels return stored tensors and cost nothing, forward and backward; x = time / '
+          'the dense block in "vs".\n')
+    print(format_table(timings, ['vs'], forward=False, variants=_by_label(results)))
     answer = 'yes' if verdict['reachable_by_faster_gathers'] else 'no'
-    print(f"\n[bound] {verdict['case']}: {verdict['value']} x dense fwd+bwd (limit {verdict['limit']}); "
+    print(f"\n[bound] {verdict['case']}: {verdict['value']} x dense + 1x1 fwd+bwd (limit {verdict['limit']}); "
           f'can faster gathers alone meet the limit: {answer}')
-    return {'input_shape': list(layer_input_shape(args)), 'timings': timings_to_dict(timings), 'verdict': verdict}
+    _print_new_over_old(results, forward=False)
+    primary = {'input_shape': list(layer_input_shape(args)), 'timings': timings_to_dict(timings), 'verdict': verdict}
+    return _section_json(results, primary, lambda t: {'verdict': bound_verdict(t)})
+
+
+def run_models(args: argparse.Namespace, variants: list) -> dict:
+    from pce_timm.benchmark_models import DEFAULT_MODELS, format_model_table, model_goals, model_rows
+
+    size, batch = args.model_size, args.model_batch_size
+    spec = {'section': 'models', 'models': list(args.models or DEFAULT_MODELS), 'size': size, 'batch_size': batch,
+            'threads': args.threads}
+    results = time_variants(spec, variants, rounds=args.model_rounds, warmup=1, desc='models')
+    rows = {r.variant.label: model_rows(r.timings, batch) for r in results}
+    primary_rows = rows[results[0].variant.label]
+    goals = model_goals(primary_rows)
+    print(f'\nModels: batch {batch}, {size}x{size} px, {_setting(results, args.model_rounds)}; '
+          'x = throughput / the dense baseline in "vs" (higher is better)\n')
+    if len(results) == 1:
+        print(format_model_table(primary_rows))
+    else:
+        labels = list(rows)
+        interleaved = [(label, rows[label][i]) for i in range(len(primary_rows)) for label in labels]
+        print(format_model_table([row for _, row in interleaved], processes=[label for label, _ in interleaved]))
+    print()
+    for goal in goals:
+        print(f"[{'OK ' if goal['ok'] else 'MISS'}] {goal['goal']}: {goal['value']} (at least {goal['limit']}) "
+              f'[{results[0].variant.label}]')
+    _print_new_over_old(results)
+    primary = {'input_size': [batch, 3, size, size], 'rows': primary_rows, 'goals': goals}
+    out = _section_json(results, primary, lambda t: {'goals': model_goals(model_rows(t, batch))})
+    for r in results:
+        out['variants'][r.variant.label]['rows'] = rows[r.variant.label]
+    return out
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -115,23 +203,34 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def run(args: argparse.Namespace, old=None) -> dict:
+    variants = make_variants(tuned=args.tuned, jemalloc=args.jemalloc, old=old)
+    print(f'torch {torch.__version__}; processes: ' + '; '.join(
+        f'{label} ({PROCESSES[label]})' for label in dict.fromkeys(v.process for v in variants))
+          + (f'; code: {THIS_TREE} and {old[0]}' if old else ''))
+    results = {'torch': torch.__version__,
+               'variants': [{'label': v.label, 'code': v.code, 'process': v.process} for v in variants]}
+    sections = ('layers', 'bound', 'models') if args.section == 'all' else (args.section,)
+    runners = {'layers': run_layers, 'bound': run_bound, 'models': run_models}
+    for section in sections:
+        results[section] = runners[section](args, variants)
+    return results
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    malloc_tuned = keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.profile:
         return run_profile(args)
-    results = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'malloc_tuned': malloc_tuned}
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, glibc malloc keeps freed memory: '
-          f'{"yes" if malloc_tuned else "no"}')
-    if args.section in ('layers', 'all'):
-        results['layers'] = run_layers(args)
-    if args.section in ('bound', 'all'):
-        results['bound'] = run_bound(args)
-    if args.section in ('models', 'all'):
-        from pce_timm.benchmark_models import run_models  # the model zoo is imported only when asked for
-        results['models'] = run_models(args)
+    if args.old_rev:
+        try:
+            resolve_commit(args.old_rev)
+        except ValueError as e:
+            print(f'error: --old-rev: {e}', file=sys.stderr)
+            return 2
+    with git_worktree(args.old_rev) if args.old_rev else contextlib.nullcontext() as old:
+        results = run(args, old)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=2)
