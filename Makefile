@@ -3,12 +3,15 @@
 #
 #   make venv         create / refresh .venv (+ Debian data packages when apt is usable)
 #   make test         pytest (without -m slow), then timm's own model tests on every pce_* model
+#   make test-min     the same pytest run (and ruff) in .venv-min: TORCH_PINS plus exactly the lowest versions
+#                     pyproject.toml allows (each `>=X` installed as `==X`), so the declared floors stay true
 #   make test-slow    the tests marked slow
 #   make conformance  only timm's model tests on the pce_* models (tools/timm_conformance)
 #   make demo | bench | release | lint | clean
 #
 # Knobs: SYSTEM_PYTHON (interpreter that creates .venv), TORCH_PINS, PYTEST_ARGS, CONFORMANCE_ARGS,
-#        TEST_CONFORMANCE_ARGS, DEMO_ARGS, BENCH_ARGS, RELEASE_ARGS.
+#        TEST_CONFORMANCE_ARGS, DEMO_ARGS, BENCH_ARGS, RELEASE_ARGS, MIN_OVERRIDES (test-min: pins that replace
+#        derived ones, e.g. MIN_OVERRIDES='timm==1.0.20' to try a lower floor before declaring it).
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -28,26 +31,31 @@ CONFORMANCE := PYTHON="$(abspath $(PY))" bash tools/timm_conformance/run
 # ~40% of the conformance time on 2 cores. `make conformance` runs it.
 TEST_CONFORMANCE_ARGS ?= -k 'not test_prune_intermediate_layers_contract'
 
-.PHONY: venv sysdeps test test-slow conformance demo bench lint release clean
+.PHONY: venv sysdeps test test-min test-slow conformance demo bench lint release clean
 
 venv: $(STAMP) sysdeps
 
+# $(call create_venv,DIR): a venv with pip in DIR. Debian's python3 lacks ensurepip unless python3-venv is
+# installed: then pip is bootstrapped from a PyPI wheel.
+define create_venv
+echo "==> creating $(1) with $(SYSTEM_PYTHON)"
+$(SYSTEM_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || { echo "error: $(SYSTEM_PYTHON) is $$($(SYSTEM_PYTHON) --version 2>&1); pce_timm needs Python >= 3.10" \
+       "(make SYSTEM_PYTHON=python3.X ...)" >&2; exit 1; }
+if ! $(SYSTEM_PYTHON) -m venv $(1); then
+  echo "==> no ensurepip (on Debian: apt-get install python3-venv); bootstrapping pip into $(1) instead"
+  rm -rf $(1)
+  $(SYSTEM_PYTHON) -m venv --without-pip $(1)
+  wheels="$$(mktemp -d)"
+  trap 'rm -rf "$$wheels"' EXIT
+  $(SYSTEM_PYTHON) -m pip download -q --no-deps --only-binary :all: -d "$$wheels" pip \
+    || { echo "error: could not fetch pip; install python3-venv (or python3-pip) and retry" >&2; exit 1; }
+  $(1)/bin/python "$$(echo "$$wheels"/pip-*.whl)/pip" install -q --no-index "$$wheels"/pip-*.whl
+fi
+endef
+
 $(PY):
-	@echo "==> creating $(VENV) with $(SYSTEM_PYTHON)"
-	$(SYSTEM_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-	  || { echo "error: $(SYSTEM_PYTHON) is $$($(SYSTEM_PYTHON) --version 2>&1); pce_timm needs Python >= 3.10" \
-	       "(make SYSTEM_PYTHON=python3.X ...)" >&2; exit 1; }
-	if ! $(SYSTEM_PYTHON) -m venv $(VENV); then
-	  # Debian's python3 lacks ensurepip unless python3-venv is installed: bootstrap pip from a PyPI wheel.
-	  echo "==> no ensurepip (on Debian: apt-get install python3-venv); bootstrapping pip into $(VENV) instead"
-	  rm -rf $(VENV)
-	  $(SYSTEM_PYTHON) -m venv --without-pip $(VENV)
-	  wheels="$$(mktemp -d)"
-	  trap 'rm -rf "$$wheels"' EXIT
-	  $(SYSTEM_PYTHON) -m pip download -q --no-deps --only-binary :all: -d "$$wheels" pip \
-	    || { echo "error: could not fetch pip; install python3-venv (or python3-pip) and retry" >&2; exit 1; }
-	  $(PY) "$$(echo "$$wheels"/pip-*.whl)/pip" install -q --no-index "$$wheels"/pip-*.whl
-	fi
+	@$(call create_venv,$(VENV))
 
 $(STAMP): $(PY) pyproject.toml Makefile
 	@echo "==> installing into $(VENV): pip, $(TORCH_PINS), -e .[dev]"
@@ -57,6 +65,63 @@ $(STAMP): $(PY) pyproject.toml Makefile
 	$(PY) -c 'import torch, torchvision, timm; print(f"    torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")'
 	rm -f $(VENV)/.stamp*
 	touch $@
+
+# test-min: a separate venv with TORCH_PINS and, for every other dependency of [project] and the dev extra,
+# exactly the floor pyproject.toml declares. Rebuilt from scratch whenever pyproject.toml, this file,
+# TORCH_PINS or MIN_OVERRIDES change, so nothing newer lingers. pce_timm goes in with --no-deps: nothing
+# is re-resolved after the floors are installed, and `pip check` confirms they fit together.
+MIN_VENV := .venv-min
+MIN_PY := $(MIN_VENV)/bin/python
+MIN_OVERRIDES ?=
+MIN_STAMP := $(MIN_VENV)/.stamp-$(word 1,$(shell printf '%s' '$(TORCH_PINS) $(MIN_OVERRIDES)' | cksum))
+
+# Prints the floors as pins: `name>=X` -> `name==X`; argv[1]: TORCH_PINS (their packages are left to them),
+# argv[2]: MIN_OVERRIDES. A dependency without a `>=` floor is an error: test-min could not test it.
+define MIN_PINS_PY
+import re, sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the TOML parser pip itself uses
+    from pip._vendor import tomli as tomllib
+key = lambda name: re.sub(r'[-_.]+', '-', name).lower()
+name_of = lambda req: re.match(r'[A-Za-z0-9_.-]+', req).group(0)
+project = tomllib.load(open('pyproject.toml', 'rb'))['project']
+left_alone = {key(name_of(pin)) for pin in sys.argv[1].split()}
+overrides = {key(name_of(pin)): pin for pin in sys.argv[2].split()}
+pins, unpinnable = {}, []
+for req in project['dependencies'] + project['optional-dependencies']['dev']:
+    req = req.split(';')[0].strip()
+    name = name_of(req)
+    if key(name) in left_alone:
+        continue
+    floor = re.search(r'>=\s*([^,\s]+)', req)
+    if floor is None:
+        unpinnable.append(req)
+    pins[key(name)] = overrides.get(key(name)) or f'{name}=={floor.group(1) if floor else "?"}'
+if unpinnable:
+    sys.exit('test-min: no >= floor declared for: ' + ', '.join(unpinnable))
+print('\n'.join(pins.values()))
+endef
+export MIN_PINS_PY
+
+$(MIN_STAMP): pyproject.toml Makefile
+	@rm -rf $(MIN_VENV)
+	$(call create_venv,$(MIN_VENV))
+	echo "==> installing into $(MIN_VENV): pip, $(TORCH_PINS), the declared floors, -e . --no-deps"
+	$(MIN_PY) -m pip install -q --upgrade pip
+	$(MIN_PY) -m pip install -q $(TORCH_PINS)
+	$(MIN_PY) -c "$$MIN_PINS_PY" '$(TORCH_PINS)' '$(MIN_OVERRIDES)' > $(MIN_VENV)/floors.txt
+	sed 's/^/    /' $(MIN_VENV)/floors.txt
+	$(MIN_PY) -m pip install -q $(TORCH_PINS) -r $(MIN_VENV)/floors.txt
+	$(MIN_PY) -m pip install -q --no-deps -e .
+	$(MIN_PY) -m pip check
+	touch $@
+
+test-min: $(MIN_STAMP) sysdeps
+	@echo "==> pytest -m 'not slow' on the declared floors ($(MIN_VENV))"
+	$(MIN_PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+	echo "==> ruff check . (the dev extra's floor)"
+	$(MIN_PY) -m ruff check .
 
 # The demo, the release and some tests read this Debian package; without root (or password-less sudo) we only say so.
 sysdeps:
@@ -109,6 +174,6 @@ lint: venv
 	$(PY) -m ruff check .
 
 clean:
-	@echo "==> removing caches and build output (.venv is kept: rm -rf $(VENV) to rebuild it)"
-	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+	@echo "==> removing caches and build output (the venvs are kept: rm -rf $(VENV) $(MIN_VENV) to rebuild them)"
+	find . \( -path ./$(VENV) -o -path ./$(MIN_VENV) \) -prune -o -type d -name __pycache__ -exec rm -rf {} +
 	rm -rf .pytest_cache .ruff_cache build dist
