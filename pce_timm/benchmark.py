@@ -365,13 +365,15 @@ def format_table(timings: List[Timing], columns: List[str], forward: bool = True
     labelled in a ``process`` column, and ``timings`` is ignored. ``x`` is time / the case's reference
     (lower is better).
     """
-    labelled = list(variants.items()) if variants else [(None, timings)]
+    labelled = [(label, {t.name: t for t in ts}) for label, ts in (variants or {None: timings}).items()]
     header = ['case'] + (['process'] if variants else []) + columns
     header += (['fwd ms', 'fwd x'] if forward else []) + ['fwd+bwd ms', 'fwd+bwd x']
     rows = []
-    for name in [t.name for t in labelled[0][1]]:
-        for label, variant_timings in labelled:
-            t = next(t for t in variant_timings if t.name == name)
+    for name in labelled[0][1]:
+        for label, by_name in labelled:
+            if name not in by_name:  # a case another tree does not have
+                continue
+            t = by_name[name]
             cells = [t.name] + ([label] if variants else []) + [str(t.info.get(c, '')) for c in columns]
             if forward:
                 cells += [f'{t.forward_ms:.1f}', f'{t.forward_ratio:.2f}']
