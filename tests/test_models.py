@@ -11,8 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from timm.models import save_for_hf
-from timm.models._manipulate import group_parameters
+from timm.models import get_model_args, group_parameters, save_for_hf
 
 from pce_timm.layers import PCEConv2d
 from pce_timm.models import PCE_HUB_ORG, checkpoint_filter_fn, hub_id, upcycle_dense_state_dict
@@ -163,6 +162,18 @@ def test_model_args_round_trip(model_name, tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_model_args_record_the_tag_architecture_and_defaults():
+    """What save_for_hf writes (timm's public get_model_args): the tag's architecture, PCE defaults filled in."""
+    args = get_model_args(timm.create_model('pce_resnet18', pretrained_cfg='fmnist', device='meta'))
+    assert {k: args[k] for k in ('stem_type', 'channels', 'patch_size', 'num_experts', 'num_classes', 'in_chans')} == {
+        'stem_type': 'cifar', 'channels': (16, 32, 64, 128), 'patch_size': 2, 'num_experts': 4, 'num_classes': 10,
+        'in_chans': 1}
+    soft = get_model_args(timm.models.model_entrypoint('pce_resnet18')(top_k=None, device='meta'))  # no factory
+    assert soft['top_k'] == 'soft' and soft['pce_stages'] == (2, 3) and soft['mix_conv'] is False
+    vit = get_model_args(timm.create_model('pce_vit_hybrid_small_r18', device='meta'))
+    assert vit['pce_stages'] == (1, 2) and vit['num_experts'] == 4  # the backbone's args
 
 
 @pytest.mark.parametrize('model_name', PCE_MODELS)

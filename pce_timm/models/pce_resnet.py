@@ -50,13 +50,13 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._input import update_model_args
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from pce_timm.data.registry import FASHION_MNIST_CLASSES
 from pce_timm.layers import PCEConv2d
 
 from ._hub import hub_id
+from ._timm_compat import record_model_args
 
 __all__ = ['PCEResNet', 'PCEBasicBlock', 'PCEBottleneck', 'upcycle_dense_state_dict', 'checkpoint_filter_fn']
 
@@ -556,7 +556,7 @@ def _create_pce_resnet(variant: str, pretrained: bool = False, **kwargs: Any) ->
         if pretrained:
             _explain_weights_error(variant, kwargs, e)
         raise
-    update_model_args(model, **pce_arch_args(**kwargs), **{k: v for k, v in tag_args.items() if k not in PCE_ARCH_ARGS})
+    record_model_args(model, **pce_arch_args(**kwargs), **{k: v for k, v in tag_args.items() if k not in PCE_ARCH_ARGS})
     return model
 
 
