@@ -1,5 +1,6 @@
 """The pce_* models: features vs intermediates, routing records, dense equivalence and upcycling, CIFAR stem,
-model args round trip, argument errors, torch.compile / torch.export, torch.hub.
+model args round trip, argument errors, timm's norm_layer / act_layer and device / dtype, torch.compile /
+torch.export, torch.hub.
 
 timm's own test-suite runs on every pce_* model separately (tools/timm_conformance); these tests cover what
 is particular to PCE. Inputs are small (64 px) to keep the file fast on a CPU.
