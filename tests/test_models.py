@@ -1,18 +1,19 @@
 """The pce_* models: features vs intermediates, routing records, dense equivalence and upcycling, CIFAR stem,
-model args round trip, argument errors, torch.compile / torch.export, torch.hub.
+model args round trip, argument errors, timm's norm_layer / act_layer and device / dtype, torch.compile /
+torch.export, torch.hub.
 
 timm's own test-suite runs on every pce_* model separately (tools/timm_conformance); these tests cover what
 is particular to PCE. Inputs are small (64 px) to keep the file fast on a CPU.
 """
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
-from timm.models import save_for_hf
-from timm.models._manipulate import group_parameters
+from timm.models import get_model_args, group_parameters, save_for_hf
 
 from pce_timm.layers import PCEConv2d
 from pce_timm.models import PCE_HUB_ORG, checkpoint_filter_fn, hub_id, upcycle_dense_state_dict
@@ -165,6 +166,18 @@ def test_model_args_round_trip(model_name, tmp_path):
         torch.testing.assert_close(rebuilt(x), model(x))
 
 
+def test_model_args_record_the_tag_architecture_and_defaults():
+    """What save_for_hf writes (timm's public get_model_args): the tag's architecture, PCE defaults filled in."""
+    args = get_model_args(timm.create_model('pce_resnet18', pretrained_cfg='fmnist', device='meta'))
+    assert {k: args[k] for k in ('stem_type', 'channels', 'patch_size', 'num_experts', 'num_classes', 'in_chans')} == {
+        'stem_type': 'cifar', 'channels': (16, 32, 64, 128), 'patch_size': 2, 'num_experts': 4, 'num_classes': 10,
+        'in_chans': 1}
+    soft = get_model_args(timm.models.model_entrypoint('pce_resnet18')(top_k=None, device='meta'))  # no factory
+    assert soft['top_k'] == 'soft' and soft['pce_stages'] == (2, 3) and soft['mix_conv'] is False
+    vit = get_model_args(timm.create_model('pce_vit_hybrid_small_r18', device='meta'))
+    assert vit['pce_stages'] == (1, 2) and vit['num_experts'] == 4  # the backbone's args
+
+
 @pytest.mark.parametrize('model_name', PCE_MODELS)
 def test_unknown_kwarg_raises_type_error(model_name):
     with pytest.raises(TypeError):
@@ -181,6 +194,71 @@ def test_unknown_kwarg_raises_type_error(model_name):
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         timm.create_model('pce_resnet18', device='meta', **kwargs)
+
+
+def _module_types(model: nn.Module) -> dict:
+    return {name: type(m) for name, m in model.named_modules() if name}
+
+
+def test_norm_and_act_layers_as_timm_resnet():
+    """norm_layer / act_layer reach the stem, the dense stages and the downsampling as in timm's resnet18."""
+    kwargs = dict(norm_layer='groupnorm', act_layer=nn.SiLU)
+    torch.manual_seed(0)
+    dense = timm.create_model('resnet18', **kwargs).eval()
+    model = timm.create_model('pce_resnet18', pce_stages=(), **kwargs).eval()
+    assert _module_types(model) == _module_types(dense)
+    assert sum(isinstance(m, nn.SiLU) for m in model.modules()) == 17  # stem + 2 per BasicBlock
+    model.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
+    # the experts' own norm and activation, by class or by timm's names, build the default model
+    named = timm.create_model('pce_resnet18', norm_layer='batchnorm2d', act_layer='relu', device='meta')
+    assert _module_types(named) == _module_types(timm.create_model('pce_resnet18', device='meta'))
+
+
+@pytest.mark.parametrize('model_name', ['pce_resnet18', 'pce_resnet50'])
+@pytest.mark.parametrize('kwargs', [
+    dict(norm_layer='groupnorm'),
+    dict(act_layer=nn.SiLU),
+    dict(norm_layer=partial(nn.BatchNorm2d, eps=1e-3)),  # not the experts' BatchNorm either
+    dict(pce_stages=(3,), act_layer='gelu'),
+])
+def test_pce_stages_name_the_norm_and_act_they_support(model_name, kwargs):
+    """A PCE stage's experts are Conv-BatchNorm2d-ReLU: another norm or activation raises instead of being ignored."""
+    with pytest.raises(ValueError, match=r"norm_layer=nn.BatchNorm2d \('batchnorm'\) and act_layer=nn.ReLU"):
+        timm.create_model(model_name, device='meta', **kwargs)
+
+
+@pytest.mark.parametrize('model_name', PCE_MODELS)
+def test_built_on_the_meta_device(model_name):
+    model = timm.create_model(model_name, device='meta')
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {'meta'}
+
+
+def test_factory_kwargs_device_and_dtype():
+    """device / dtype reach every block and PCE layer (also one rebuilt by expert_counts); a meta build
+    materialised and loaded computes what a normal build does."""
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=10, expert_counts={'layer3.0.conv1': 2})
+    model = timm.create_model('pce_resnet18', **kwargs).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+
+    meta = timm.create_model('pce_resnet18', device='meta', **kwargs)
+    assert {t.device.type for t in [*meta.parameters(), *meta.buffers()]} == {'meta'}
+    meta = meta.to_empty(device='cpu').eval()
+    meta.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(meta(x), expected, rtol=0, atol=0)
+
+    double = timm.create_model('pce_resnet18', dtype=torch.float64, **kwargs).eval()
+    assert {t.dtype for t in [*double.parameters(), *double.buffers()] if t.is_floating_point()} == {torch.float64}
+    assert double.layer3[0].conv1.experts.weight.dtype == torch.float64 and double.layer3[0].conv1.num_experts == 2
+    double.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(double(x.double()), expected.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_param_groups_and_no_weight_decay():

@@ -4,7 +4,9 @@ In a PCE block the block's first 3x3 conv (with the block's stride) is a :class:
 ``conv1`` of a BasicBlock, ``conv2`` of a Bottleneck. The layer holds a BatchNorm + ReLU per expert, so the
 norm and activation that followed the dense conv (``bn1``/``act1``, ``bn2``/``act2``) are gone. Everything
 else is timm's :class:`~timm.models.resnet.ResNet`: stems, downsampling, stochastic depth, head,
-``forward_intermediates``, pruning, grad checkpointing, features_only.
+``forward_intermediates``, pruning, grad checkpointing, features_only, ``device`` / ``dtype``, and
+``norm_layer`` / ``act_layer`` for the stem and the dense stages (a PCE stage's experts are Conv-BatchNorm2d-ReLU,
+so a PCE stage accepts only those and raises for any other).
 
 Defaults of the zoo, and why:
 - ``pce_stages=(2, 3)``: PCE in the last two stages, where patches are few and carry meaning; the early,
@@ -49,14 +51,15 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple,
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerType
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._input import update_model_args
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from pce_timm.data.registry import FASHION_MNIST_CLASSES
 from pce_timm.layers import PCEConv2d
 
 from ._hub import hub_id
+from ._timm_compat import record_model_args
 
 __all__ = ['PCEResNet', 'PCEBasicBlock', 'PCEBottleneck', 'upcycle_dense_state_dict', 'checkpoint_filter_fn']
 
@@ -69,6 +72,40 @@ PCE_ARCH_ARGS = (
     'stem_type', 'num_experts', 'top_k', 'router', 'pce_stages', 'patch_size', 'capacity_factor', 'embed_chs',
     'attention', 'gumbel_tau', 'mix_conv', 'pce_kwargs', 'expert_counts',
 )
+# The PCEConv2d arguments PCEResNet sets itself, which pce_kwargs must not repeat.
+PCE_ARGS_SET_BY_MODEL = frozenset({
+    'num_experts', 'top_k', 'router', 'embed_chs', 'capacity_factor', 'gumbel_tau', 'mix_conv', 'attention',
+    'patch_size', 'in_chs', 'out_chs', 'kernel_size', 'stride',
+})
+# PCEConv2d takes timm's factory kwargs (device, dtype); without them _create_pce_conv builds and casts.
+_PCE_CONV_FACTORY_KWARGS = {'device', 'dtype'} <= set(inspect.signature(PCEConv2d).parameters)
+
+
+def _check_block_args(
+        cardinality: int,
+        base_width: int,
+        dilation: int,
+        first_dilation: Optional[int],
+        aa_layer: Optional[Type[nn.Module]],
+        norm_layer: Type[nn.Module],
+        act_layer: Type[nn.Module],
+) -> None:
+    """What a PCE block cannot take of timm's block arguments raises, naming what it accepts."""
+    if cardinality != 1 or base_width != 64:
+        raise ValueError(f'PCE blocks have dense (ungrouped) experts: cardinality must be 1 and base_width 64, '
+                         f'got cardinality={cardinality}, base_width={base_width}')
+    if dilation != 1 or (first_dilation or 1) != 1:
+        raise ValueError(
+            f'PCE blocks do not support dilation, got dilation={dilation}, first_dilation={first_dilation}')
+    if aa_layer is not None:
+        raise ValueError(f'PCE blocks do not support anti-aliasing (the experts hold the stride), got {aa_layer}')
+    # The experts (pce_timm.layers.ConvExperts) are stacked Conv-BatchNorm2d-ReLU: their norm and activation
+    # are the block's (bn1 / act1 of a BasicBlock), so a block of mixed norms or activations is not offered.
+    if norm_layer is not nn.BatchNorm2d or act_layer is not nn.ReLU:
+        raise ValueError(
+            f"PCE blocks support only norm_layer=nn.BatchNorm2d ('batchnorm') and act_layer=nn.ReLU ('relu'): "
+            f'the experts of their PCE layer are stacked Conv-BatchNorm2d-ReLU; got norm_layer={norm_layer!r}, '
+            f'act_layer={act_layer!r}. Stages outside pce_stages take any norm_layer / act_layer.')
 
 
 def _create_pce_conv(
@@ -80,22 +117,18 @@ def _create_pce_conv(
         device=None,
         dtype=None,
 ) -> PCEConv2d:
-    """A 3x3 PCEConv2d whose patches cover ``patch_size`` output pixels, built on ``device`` in ``dtype``."""
-    with torch.device(device) if device is not None else nullcontext():  # PCEConv2d has no factory kwargs
-        layer = PCEConv2d(in_chs, out_chs, kernel_size=3, stride=stride, patch_size=patch_size * stride, **pce_args)
+    """A 3x3 PCEConv2d whose patches cover ``patch_size`` output pixels, built on ``device`` in ``dtype``.
+
+    ``device`` / ``dtype`` are passed only when given, as timm's factory kwargs where PCEConv2d takes them;
+    a PCEConv2d without them is built under a ``torch.device`` context and cast.
+    """
+    layer_args = dict(kernel_size=3, stride=stride, patch_size=patch_size * stride, **pce_args)
+    dd = {k: v for k, v in (('device', device), ('dtype', dtype)) if v is not None}
+    if not dd or _PCE_CONV_FACTORY_KWARGS:
+        return PCEConv2d(in_chs, out_chs, **layer_args, **dd)
+    with torch.device(device) if device is not None else nullcontext():
+        layer = PCEConv2d(in_chs, out_chs, **layer_args)
     return layer if dtype is None else layer.to(dtype=dtype)
-
-
-def _check_block_args(cardinality: int, base_width: int, dilation: int, first_dilation: Optional[int],
-                      aa_layer: Optional[Type[nn.Module]]) -> None:
-    if cardinality != 1 or base_width != 64:
-        raise ValueError(f'PCE blocks have dense (ungrouped) experts: cardinality must be 1 and base_width 64, '
-                         f'got cardinality={cardinality}, base_width={base_width}')
-    if dilation != 1 or (first_dilation or 1) != 1:
-        raise ValueError(
-            f'PCE blocks do not support dilation, got dilation={dilation}, first_dilation={first_dilation}')
-    if aa_layer is not None:
-        raise ValueError(f'PCE blocks do not support anti-aliasing (the experts hold the stride), got {aa_layer}')
 
 
 class PCEBasicBlock(nn.Module):
@@ -104,6 +137,8 @@ class PCEBasicBlock(nn.Module):
     Takes timm's BasicBlock arguments (as passed by ``make_blocks``) plus ``patch_size`` (in pixels of the
     block's output map) and ``pce_args`` (the remaining PCEConv2d arguments). DropBlock, where enabled,
     acts on the PCE output (after the experts' ReLU, where timm's block applies it before the activation).
+    ``norm_layer`` / ``act_layer`` build the dense ``bn2`` / ``act2`` and must be the experts' own,
+    nn.BatchNorm2d / nn.ReLU (a ValueError says so otherwise); ``device`` / ``dtype`` reach every module.
     """
     expansion = 1
     pce_name = 'conv1'  # the PCE layer's attribute: the name of the dense conv it replaces
@@ -132,7 +167,7 @@ class PCEBasicBlock(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        _check_block_args(cardinality, base_width, dilation, first_dilation, aa_layer)
+        _check_block_args(cardinality, base_width, dilation, first_dilation, aa_layer, norm_layer, act_layer)
         first_planes = planes // reduce_first
         outplanes = planes * self.expansion
         self.conv1 = _create_pce_conv(inplanes, first_planes, stride, patch_size, pce_args or {}, **dd)
@@ -187,7 +222,7 @@ class PCEBottleneck(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        _check_block_args(cardinality, base_width, dilation, first_dilation, aa_layer)
+        _check_block_args(cardinality, base_width, dilation, first_dilation, aa_layer, norm_layer, act_layer)
         width = planes
         first_planes = width // reduce_first
         outplanes = planes * self.expansion
@@ -243,6 +278,23 @@ def _check_pce_stages(pce_stages: Sequence[int], num_stages: int) -> Tuple[int, 
     return tuple(sorted(set(stages)))
 
 
+def _check_pce_kwargs(pce_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    pce_kwargs = dict(pce_kwargs or {})
+    repeated = sorted(PCE_ARGS_SET_BY_MODEL & set(pce_kwargs))
+    if repeated:
+        raise ValueError(f'pce_kwargs must not repeat arguments PCEResNet sets, got {repeated}')
+    return pce_kwargs
+
+
+def _layer_top_k(top_k: Union[int, str, None]) -> Optional[int]:
+    """The model's ``top_k`` as PCEConv2d takes it: 'soft' / None -> None (soft routing), else the int."""
+    if top_k is None or top_k == SOFT:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise ValueError(f"top_k must be an int >= 1 or {SOFT!r} (soft routing over all experts), got {top_k!r}")
+    return top_k
+
+
 class PCEResNet(ResNet):
     """ResNet whose blocks in ``pce_stages`` are PCE blocks (see the module docstring).
 
@@ -262,6 +314,8 @@ class PCEResNet(ResNet):
             stem_type: str = '',
             channels: Sequence[int] = (64, 128, 256, 512),
             avg_down: bool = False,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             drop_block_rate: float = 0.0,
@@ -286,9 +340,12 @@ class PCEResNet(ResNet):
             layers: blocks per stage (4 stages).
             block: 'basic' (ResNet-18/34) or 'bottleneck' (ResNet-50 and deeper).
             num_classes, in_chans, global_pool, stem_width, channels, avg_down, drop_rate, drop_path_rate,
-                drop_block_rate, zero_init_last: as timm's ResNet.
+                drop_block_rate, zero_init_last, device, dtype: as timm's ResNet.
             stem_type: timm's '' (7x7 conv + max-pool), 'deep', 'deep_tiered', or 'cifar': a 3x3 stride-1
                 conv and no max-pool, for 28-32 px inputs (the network's stride drops from 32 to 8).
+            act_layer, norm_layer: as timm's ResNet (a class or timm's name, e.g. 'silu', 'groupnorm') for the
+                stem, the dense stages and the downsampling; a PCE stage takes only its experts' own, nn.ReLU
+                and nn.BatchNorm2d (the defaults), and raises a ValueError for any other.
             num_experts: experts per PCE layer.
             top_k: experts per patch; 'soft' (or None) routes softly over all experts. Pass 'soft' through
                 ``timm.create_model``, which drops None-valued kwargs.
@@ -314,12 +371,7 @@ class PCEResNet(ResNet):
             raise ValueError(f'stem_type must be one of {STEM_TYPES}, got {stem_type!r}')
         pce_stages = _check_pce_stages(pce_stages, len(layers))
         patch_sizes = _per_stage('patch_size', patch_size, len(layers))
-        pce_kwargs = dict(pce_kwargs or {})
-        named = {'num_experts', 'top_k', 'router', 'embed_chs', 'capacity_factor', 'gumbel_tau', 'mix_conv',
-                 'attention', 'patch_size', 'in_chs', 'out_chs', 'kernel_size', 'stride'}
-        repeated = sorted(named & set(pce_kwargs))
-        if repeated:
-            raise ValueError(f'pce_kwargs must not repeat arguments PCEResNet sets, got {repeated}')
+        pce_kwargs = _check_pce_kwargs(pce_kwargs)
 
         if mix_conv is None:  # decided once for the model, so a layer given another expert count keeps it
             mix_conv = num_experts > 1
@@ -334,8 +386,9 @@ class PCEResNet(ResNet):
         super().__init__(
             block=block_fns, layers=tuple(layers), num_classes=num_classes, in_chans=in_chans,
             global_pool=global_pool, stem_width=stem_width, stem_type='' if stem_type == 'cifar' else stem_type,
-            channels=tuple(channels), avg_down=avg_down, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-            drop_block_rate=drop_block_rate, zero_init_last=zero_init_last, device=device, dtype=dtype)
+            channels=tuple(channels), avg_down=avg_down, act_layer=act_layer, norm_layer=norm_layer,
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate, drop_block_rate=drop_block_rate,
+            zero_init_last=zero_init_last, device=device, dtype=dtype)
         self.pce_stages = pce_stages
         if stem_type == 'cifar':
             self._use_cifar_stem(in_chans, device=device, dtype=dtype)
@@ -414,6 +467,18 @@ def _init_experts(layer: PCEConv2d) -> None:
         nn.init.kaiming_normal_(expert_weight, mode='fan_out', nonlinearity='relu')
 
 
+def pce_arch_args(**kwargs: Any) -> Dict[str, Any]:
+    """The :data:`PCE_ARCH_ARGS` of a PCE-ResNet built with ``kwargs`` (PCEResNet's defaults for the others).
+
+    Soft routing is recorded as ``top_k='soft'``: timm drops None-valued kwargs when it rebuilds a saved model.
+    """
+    params = inspect.signature(PCEResNet.__init__).parameters
+    args = {name: kwargs.get(name, params[name].default) for name in PCE_ARCH_ARGS}
+    if args['top_k'] is None:
+        args['top_k'] = SOFT
+    return args
+
+
 def upcycle_dense_state_dict(
         state_dict: Dict[str, torch.Tensor],
         model: nn.Module,
@@ -480,25 +545,33 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return upcycle_dense_state_dict(state_dict, model) if is_dense else state_dict
 
 
-def _layer_top_k(top_k: Union[int, str, None]) -> Optional[int]:
-    """The model's ``top_k`` as PCEConv2d takes it: 'soft' / None -> None (soft routing), else the int."""
-    if top_k is None or top_k == SOFT:
-        return None
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise ValueError(f"top_k must be an int >= 1 or {SOFT!r} (soft routing over all experts), got {top_k!r}")
-    return top_k
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
 
 
-def pce_arch_args(**kwargs: Any) -> Dict[str, Any]:
-    """The :data:`PCE_ARCH_ARGS` of a PCE-ResNet built with ``kwargs`` (PCEResNet's defaults for the others).
-
-    Soft routing is recorded as ``top_k='soft'``: timm drops None-valued kwargs when it rebuilds a saved model.
-    """
-    params = inspect.signature(PCEResNet.__init__).parameters
-    args = {name: kwargs.get(name, params[name].default) for name in PCE_ARCH_ARGS}
-    if args['top_k'] is None:
-        args['top_k'] = SOFT
-    return args
+# The first tag of an architecture is its default: 'untrained' (ImageNet-shaped cfg, no weights). Tags with
+# weights get hf_hub_id=hub_id('<arch>.<tag>') (see ._hub) and, if needed, an entry in TAG_ARCH_ARGS; a '*'
+# keeps 'untrained' the default, so the bare name stays the ImageNet-shaped architecture.
+default_cfgs = generate_default_cfgs({
+    # Fashion-MNIST as pce_timm.data feeds it: 1 grayscale channel, 28 px, the dataset's mean / std, no crop.
+    'pce_resnet18.fmnist': _cfg(
+        hf_hub_id=hub_id('pce_resnet18.fmnist'), num_classes=10, input_size=(1, 28, 28), pool_size=(4, 4),
+        crop_pct=1.0, interpolation='bicubic', mean=(0.2860,), std=(0.3530,), label_names=FASHION_MNIST_CLASSES,
+        description='Fashion-MNIST classifier (pce_timm dataset fashion_mnist), trained by make release'),
+    'pce_resnet18.untrained*': _cfg(),  # '*' (and after .fmnist): stays the default tag
+    'pce_resnet34.untrained': _cfg(),
+    'pce_resnet50.untrained': _cfg(),
+    'pce_resnet18_e8.untrained': _cfg(),
+    'pce_resnet34_e8.untrained': _cfg(),
+    'pce_resnet50_e8.untrained': _cfg(),
+})
 
 
 # Architecture args of pretrained tags, applied when the tag is requested: timm passes the tag to the entrypoint
@@ -556,7 +629,7 @@ def _create_pce_resnet(variant: str, pretrained: bool = False, **kwargs: Any) ->
         if pretrained:
             _explain_weights_error(variant, kwargs, e)
         raise
-    update_model_args(model, **pce_arch_args(**kwargs), **{k: v for k, v in tag_args.items() if k not in PCE_ARCH_ARGS})
+    record_model_args(model, **pce_arch_args(**kwargs), **{k: v for k, v in tag_args.items() if k not in PCE_ARCH_ARGS})
     return model
 
 
@@ -597,35 +670,6 @@ def _cached_weights_file(name: str, cache_dir: Any) -> Optional[str]:
         return None
     path = try_to_load_from_cache(cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors', cache_dir=cache_dir)
     return path if isinstance(path, str) else None
-
-
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        'license': 'apache-2.0',
-        **kwargs,
-    }
-
-
-# The first tag of an architecture is its default: 'untrained' (ImageNet-shaped cfg, no weights). Tags with
-# weights get hf_hub_id=hub_id('<arch>.<tag>') (see ._hub) and, if needed, an entry in TAG_ARCH_ARGS; a '*'
-# keeps 'untrained' the default, so the bare name stays the ImageNet-shaped architecture.
-default_cfgs = generate_default_cfgs({
-    # Fashion-MNIST as pce_timm.data feeds it: 1 grayscale channel, 28 px, the dataset's mean / std, no crop.
-    'pce_resnet18.fmnist': _cfg(
-        hf_hub_id=hub_id('pce_resnet18.fmnist'), num_classes=10, input_size=(1, 28, 28), pool_size=(4, 4),
-        crop_pct=1.0, interpolation='bicubic', mean=(0.2860,), std=(0.3530,), label_names=FASHION_MNIST_CLASSES,
-        description='Fashion-MNIST classifier (pce_timm dataset fashion_mnist), trained by make release'),
-    'pce_resnet18.untrained*': _cfg(),  # '*' (and after .fmnist): stays the default tag
-    'pce_resnet34.untrained': _cfg(),
-    'pce_resnet50.untrained': _cfg(),
-    'pce_resnet18_e8.untrained': _cfg(),
-    'pce_resnet34_e8.untrained': _cfg(),
-    'pce_resnet50_e8.untrained': _cfg(),
-})
 
 
 @register_model

@@ -18,10 +18,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import HybridEmbed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._input import update_model_args
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import checkpoint_filter_fn
 
+from ._timm_compat import record_model_args
 from .pce_resnet import PCE_ARCH_ARGS, pce_arch_args, pce_resnet18, pce_resnet50
 
 __all__ = ['PCEHybridEmbed', 'PCEVisionTransformer']
@@ -98,7 +98,7 @@ def _create_pce_vit_hybrid(
         embed_layer=partial(PCEHybridEmbed, backbone=backbone),
         **kwargs,
     )
-    update_model_args(model, **backbone_args)
+    record_model_args(model, **backbone_args)
     return model
 
 

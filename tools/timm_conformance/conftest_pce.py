@@ -15,7 +15,6 @@ import os
 
 import pytest
 import timm
-from timm.models import _registry
 
 import pce_timm  # noqa: F401  (registers the models)
 from pce_timm.hub import MissingWeightsError
@@ -49,6 +48,11 @@ def _as_list(value) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _module_of(name: str) -> str:
+    """The timm module name ``name`` is registered under (register_model's: the entrypoint module's last part)."""
+    return timm.models.model_entrypoint(name).__module__.split('.')[-1]
+
+
 def list_models(filter='', module='', *args, **kwargs):
     """timm.list_models narrowed to PATTERN, with PCE_NON_STD models treated like timm's vit_* ones."""
     filters = _as_list(filter)
@@ -58,7 +62,7 @@ def list_models(filter='', module='', *args, **kwargs):
     if 'vit_*' in excludes:  # the standard-model selections exclude NON_STD_FILTERS
         kwargs['exclude_filters'] = excludes + NON_STD
     if module:  # the forward_intermediates tests select by module; our modules support it too
-        module = _as_list(module) + sorted({_registry._model_to_module[n] for n in _orig_list_models(PATTERN)})
+        module = _as_list(module) + sorted({_module_of(n) for n in _orig_list_models(PATTERN)})
     names = _orig_list_models(filters if filters != [''] else '', module, *args, **kwargs)
     return [n for n in names if _ours(n)]
 
