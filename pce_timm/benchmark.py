@@ -13,7 +13,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .layers import PCEConv2d
-from .layers import pce as pce_module
+from .layers.dispatch import slots as pce_module  # the module whose gathers free_gathers() replaces
 
 
 @dataclass
