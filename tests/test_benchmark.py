@@ -12,7 +12,7 @@ import torch
 from pce_timm.benchmark import FreeGathers, Timing, bound_verdict, layer_goals
 from pce_timm.layers import PCEConv2d
 from pce_timm.layers import gather as gather_module
-from pce_timm.layers import pce as pce_module
+from pce_timm.layers.dispatch import slots as pce_module
 from pce_timm.utils import load_module_from_path
 
 ROOT = Path(__file__).resolve().parents[1]
