@@ -43,7 +43,8 @@ class PatchGeometry(NamedTuple):
     window_w: int
 
 
-def patch_geometry(height: int, width: int, patch_size: Tuple[int, int], kernel_size: int, stride: int) -> PatchGeometry:
+def patch_geometry(
+        height: int, width: int, patch_size: Tuple[int, int], kernel_size: int, stride: int) -> PatchGeometry:
     """The :class:`PatchGeometry` of a ``kernel_size``/``stride`` PCE layer with ``patch_size`` on a map."""
     ph, pw = patch_size
     gh, gw = grid_size(height, width, patch_size)

@@ -114,12 +114,13 @@ class SlotDispatch(nn.Module):
         y = experts.forward_windows(windows, valid)  # [s, e * o, ph, pw]
 
         index, inverse = output_rows(plan, g, slot_of_assignment, assignment_of_slot, capacity)
+        index = index.reshape(-1)
         rows = y.permute(0, 2, 3, 1).reshape(-1, o)
         shape = (b, g.out_h, g.out_w, o)
         may_drop = capacity * e < k * num_tokens  # static: some choices may have found no slot
         if k == 1 and not may_drop:  # every weight is p / stop_grad(p) == 1: only its gradient matters
-            return gather_rows_top1(rows, index.reshape(-1), inverse, routing_weights[:, 0], plan.pixel_token).view(shape)
-        gathered = gather_rows(rows, index.reshape(-1), inverse).view(k, -1, o)
+            return gather_rows_top1(rows, index, inverse, routing_weights[:, 0], plan.pixel_token).view(shape)
+        gathered = gather_rows(rows, index, inverse).view(k, -1, o)
         pixel_weight = routing_weights.t().to(y.dtype)[:, plan.pixel_token]  # [k, m]
         if may_drop:  # dropped choices add nothing
             pixel_weight = pixel_weight * (slot_of_assignment[:, plan.pixel_token] < e * capacity).to(y.dtype)
