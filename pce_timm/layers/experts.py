@@ -3,9 +3,12 @@
 All experts live in one weight [e, o, i, k, k] and one BatchNorm over e * o channels, so expert ``j`` owns
 channels ``j * o .. (j + 1) * o``. All three ways of running them use the same parameters:
 
-- dense: one conv with e * o output channels over the whole map (every expert on every pixel);
-- windows: one grouped conv (groups = e) over per-expert buffers of halo windows [c, e * i, wh, ww];
-- sorted (eval only): expert j's own conv over its run of halo windows, sorted by expert.
+- dense: one conv with e * o output channels over the whole map (every expert on every pixel;
+  :class:`.dispatch.SoftDispatch`);
+- windows: one grouped conv (groups = e) over per-expert buffers of halo windows [c, e * i, wh, ww]
+  (:class:`.dispatch.SlotDispatch`);
+- sorted (eval only): expert j's own conv over its run of halo windows, sorted by expert
+  (:class:`.dispatch.SortedDispatch`).
 
 Every expert takes part in every training forward, so every parameter always has a gradient (DDP needs no
 ``find_unused_parameters`` for routing). Shape legend: b batch, e experts, i/o in/out channels, c slots.

@@ -56,6 +56,36 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f'{name} must be an int >= 1, got {value!r}')
 
 
+def _check_arguments(
+        in_chs: int, out_chs: int, kernel_size: int, stride: int, num_experts: int,
+        patch_size: Union[int, Tuple[int, int]], top_k: Optional[int], router: str, embed_chs: int,
+        capacity_factor: float, eval_capacity_factor: Optional[float], gumbel_tau: float) -> Tuple[int, int]:
+    """Raise ValueError naming the first bad argument of :class:`PCEConv2d`; returns the patch size (h, w)."""
+    for name, value in (('in_chs', in_chs), ('out_chs', out_chs), ('kernel_size', kernel_size),
+                        ('stride', stride), ('num_experts', num_experts), ('embed_chs', embed_chs)):
+        _check_positive_int(name, value)
+    patch_size = to_2tuple(patch_size)
+    for size in patch_size:
+        _check_positive_int('patch_size', size)
+        if size % stride != 0:
+            raise ValueError(f'patch_size {patch_size} must be a multiple of stride={stride}')
+    if kernel_size % 2 == 0:
+        raise ValueError(f'kernel_size must be odd (same padding), got {kernel_size}')
+    if top_k is not None:
+        _check_positive_int('top_k', top_k)
+        if top_k > num_experts:
+            raise ValueError(f'top_k must be None or in 1..num_experts={num_experts}, got {top_k}')
+    if router not in ROUTERS:
+        raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
+    if capacity_factor <= 0:
+        raise ValueError(f'capacity_factor must be > 0, got {capacity_factor}')
+    if eval_capacity_factor is not None and eval_capacity_factor <= 0:
+        raise ValueError(f'eval_capacity_factor must be None (exact routing) or > 0, got {eval_capacity_factor}')
+    if gumbel_tau < 0:
+        raise ValueError(f'gumbel_tau must be >= 0 (0 = off), got {gumbel_tau}')
+    return int(patch_size[0]), int(patch_size[1])
+
+
 @register_notrace_module  # routing is data-dependent: torch.fx keeps the layer as one leaf call
 class PCEConv2d(nn.Module):
     __jit_unused_properties__ = ['attn_gate']
@@ -119,35 +149,15 @@ class PCEConv2d(nn.Module):
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        for name, value in (('in_chs', in_chs), ('out_chs', out_chs), ('kernel_size', kernel_size),
-                            ('stride', stride), ('num_experts', num_experts), ('embed_chs', embed_chs)):
-            _check_positive_int(name, value)
-        patch_size = to_2tuple(patch_size)
-        for size in patch_size:
-            _check_positive_int('patch_size', size)
-            if size % stride != 0:
-                raise ValueError(f'patch_size {patch_size} must be a multiple of stride={stride}')
-        if kernel_size % 2 == 0:
-            raise ValueError(f'kernel_size must be odd (same padding), got {kernel_size}')
-        if top_k is not None:
-            _check_positive_int('top_k', top_k)
-            if top_k > num_experts:
-                raise ValueError(f'top_k must be None or in 1..num_experts={num_experts}, got {top_k}')
-        if router not in ROUTERS:
-            raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
-        if capacity_factor <= 0:
-            raise ValueError(f'capacity_factor must be > 0, got {capacity_factor}')
-        if eval_capacity_factor is not None and eval_capacity_factor <= 0:
-            raise ValueError(f'eval_capacity_factor must be None (exact routing) or > 0, got {eval_capacity_factor}')
-        if gumbel_tau < 0:
-            raise ValueError(f'gumbel_tau must be >= 0 (0 = off), got {gumbel_tau}')
-
+        patch_size = _check_arguments(
+            in_chs, out_chs, kernel_size, stride, num_experts, patch_size, top_k, router, embed_chs, capacity_factor,
+            eval_capacity_factor, gumbel_tau)
         self.in_chs = in_chs
         self.out_chs = out_chs
         self.kernel_size = kernel_size
         self.stride = stride
         self.num_experts = num_experts
-        self.patch_size: Tuple[int, int] = (int(patch_size[0]), int(patch_size[1]))
+        self.patch_size: Tuple[int, int] = patch_size
         self.soft = top_k is None
         self.top_k = num_experts if top_k is None else top_k
         self.router_name = router
