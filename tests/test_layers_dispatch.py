@@ -198,3 +198,17 @@ def test_dtype_builds_float64_parameters_and_buffers():
     assert positional.router.anchors.dtype == torch.float64
     x = torch.randn(2, 6, 12, 12, dtype=torch.float64)
     assert layer(x).dtype == torch.float64
+
+
+def test_compiled_forward_leaves_the_plan_cache_alone():
+    """Plans built while tracing hold fake tensors: they must never reach the cache."""
+    torch.manual_seed(0)
+    layer = PCEConv2d(4, 6, num_experts=4, patch_size=4, top_k=2)
+    x = torch.randn(2, 4, 12, 12)
+    expected = layer(x)
+    layer.slot_dispatch.plans.clear()
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+    torch.testing.assert_close(compiled(x), expected)
+    assert len(layer.slot_dispatch.plans) == 0
+    torch.testing.assert_close(layer(x), expected)  # eager again: builds and caches real tensors
+    assert len(layer.slot_dispatch.plans) == 1

@@ -75,14 +75,15 @@ class PlanCache:
         if is_tracing():
             return self.build(geometry, batch_size, device)
         key = (geometry, batch_size, device, torch.is_inference_mode_enabled())
-        plan = self._plans.get(key)
+        plan = self._plans.pop(key, None)  # pop and re-insert: most recently used last (each step atomic)
         if plan is None:
             plan = self.build(geometry, batch_size, device)
-            self._plans[key] = plan
-            if len(self._plans) > self.max_size:
+        self._plans[key] = plan
+        while len(self._plans) > self.max_size:
+            try:
                 self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
+            except KeyError:  # emptied meanwhile by another thread (nn.DataParallel replicas share the cache)
+                break
         return plan
 
     def clear(self) -> None:
