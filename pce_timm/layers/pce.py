@@ -137,7 +137,7 @@ class PCEConv2d(nn.Module):
                 >= 1 no patch is dropped (overflow is rerouted to free slots); the conv cost scales with the
                 factor.
             eval_capacity_factor: sparse path in eval. None (default): every patch gets exactly its chosen
-                experts, whatever the rest of the batch routes (see :meth:`_forward_sparse_eval`; a compiled or
+                experts, whatever the rest of the batch routes (see :class:`.dispatch.SortedDispatch`; a compiled or
                 exported graph then holds a slot per token at every expert). A number: slots per expert as in
                 training, so a compiled or exported graph costs what the training path does, but a patch whose
                 expert is full moves to another and predictions depend on the batch. Settable on a built layer.
