@@ -290,7 +290,10 @@ def free_gathers(store: _StoredTensors) -> Iterator[None]:
         weight_zeros = store.get('zeros', token_weight, lambda: torch.zeros_like(token_weight), *token_weight.shape)
         return _FreeGather.apply(source, token_weight, out, source_zeros, weight_zeros)
 
-    from .layers import pce as pce_module  # the internals this stand-in replaces
+    try:  # the module that calls the training gathers: the slot dispatch in this tree
+        from .layers.dispatch import slots as pce_module
+    except ImportError:  # an older tree timed by --old-rev, where PCEConv2d called them itself
+        from .layers import pce as pce_module
 
     originals = pce_module.gather_windows, pce_module.gather_rows_top1
     pce_module.gather_windows, pce_module.gather_rows_top1 = windows, rows_top1

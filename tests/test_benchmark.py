@@ -26,7 +26,7 @@ from pce_timm.benchmark import (
 from pce_timm.benchmark_models import model_goals, model_rows
 from pce_timm.layers import PCEConv2d
 from pce_timm.layers import gather as gather_module
-from pce_timm.layers import pce as pce_module
+from pce_timm.layers.dispatch import slots as pce_module
 from pce_timm.utils import load_module_from_path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from pce_timm.layers.embed import PatchEmbedSPP, cell_mean
-from pce_timm.layers.gather import overlap_add
+from pce_timm.layers.kernels_cpu import overlap_add
 from pce_timm.layers.patches import (
     coord_channels,
     grid_size,

@@ -1,9 +1,18 @@
 """Model-agnostic PCE building blocks. Registers no models."""
 from .attention import DeformableAttention2d
-from .dispatch import assign_slots, expert_capacity, route
+from .dispatch import Routing, SlotDispatch, SoftDispatch, SortedDispatch, assign_slots, expert_capacity, route
 from .embed import PatchEmbedSPP
 from .experts import ConvExperts
 from .losses import AuxLossWeights, collect_aux_loss, load_balance_loss, router_entropy_loss, router_z_loss
-from .patches import coord_channels, grid_size, patch_positions, patchify, unpatchify, window_index
+from .patches import (
+    PatchGeometry,
+    coord_channels,
+    grid_size,
+    patch_geometry,
+    patch_positions,
+    patchify,
+    unpatchify,
+    window_index,
+)
 from .pce import ROUTING_MODES, PCEConv2d
 from .routers import ROUTERS, CosineRouter, MLPRouter, PositionalRouter, UniformRouter, create_router

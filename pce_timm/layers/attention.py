@@ -6,6 +6,8 @@ sampling is bilinear (``grid_sample``), which keeps the module differentiable an
 
 Shape legend: b batch, c channels, h/w map size, m = gh * gw sampled points, nh heads, d head dim.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +21,8 @@ class DeformableAttention2d(nn.Module):
             num_heads: int = 4,
             ref_stride: int = 4,
             offset_range: float = 2.0,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
         """
         Args:
@@ -26,7 +30,9 @@ class DeformableAttention2d(nn.Module):
             num_heads: attention heads; must divide ``dim``.
             ref_stride: one reference point per ``ref_stride x ref_stride`` pixels.
             offset_range: how far (in reference-grid cells) a point may move from its reference.
+            device, dtype: where and in which dtype to build the parameters (timm's factory kwargs).
         """
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f'attn_heads must be >= 1 and divide dim={dim}, got {num_heads}')
@@ -35,14 +41,14 @@ class DeformableAttention2d(nn.Module):
         self.num_heads = num_heads
         self.ref_stride = ref_stride
         self.offset_range = offset_range
-        self.q = nn.Conv2d(dim, dim, 1)
-        self.kv = nn.Conv2d(dim, 2 * dim, 1)
+        self.q = nn.Conv2d(dim, dim, 1, **dd)
+        self.kv = nn.Conv2d(dim, 2 * dim, 1, **dd)
         self.offset = nn.Sequential(
-            nn.Conv2d(dim, dim, ref_stride + 1, stride=ref_stride, padding=ref_stride // 2, groups=dim),
+            nn.Conv2d(dim, dim, ref_stride + 1, stride=ref_stride, padding=ref_stride // 2, groups=dim, **dd),
             nn.GELU(),
-            nn.Conv2d(dim, 2, 1, bias=False),
+            nn.Conv2d(dim, 2, 1, bias=False, **dd),
         )
-        self.proj = nn.Conv2d(dim, dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1, **dd)
         nn.init.zeros_(self.offset[2].weight)  # start exactly on the reference grid
         nn.init.zeros_(self.proj.weight)  # and as a no-op residual branch
         nn.init.zeros_(self.proj.bias)

@@ -1,64 +1,21 @@
 """Patch embeddings for routing: CoordConv 1x1 projection, then spatial pyramid pooling per patch."""
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels_cpu
 from .patches import coord_channels, grid_size, pad_to_grid
 
 
-def _cell_sum(x: torch.Tensor, cell: Tuple[int, int]) -> torch.Tensor:
-    """Sum over non-overlapping ``cell`` blocks: [b, c, h, w] -> a new [b, c, h / ch, w / cw] (sizes divide)."""
-    b, c, h, w = x.shape
-    ch, cw = cell
-    rows = x.view(b, c, h // ch, ch, w)
-    if ch == 1:
-        acc = x if cw > 1 else x.clone()  # the column step below makes the new tensor
-    elif ch <= 3:  # a few strided adds beat a reduction kernel over a short dim
-        acc = rows[:, :, :, 0] + rows[:, :, :, 1]
-        for i in range(2, ch):
-            acc += rows[:, :, :, i]
-    else:
-        acc = rows.sum(3)
-    if cw == 1:
-        return acc
-    cols = acc.view(b, c, h // ch, w // cw, cw)
-    out = cols[..., 0] + cols[..., 1]
-    for j in range(2, cw):
-        out += cols[..., j]
-    return out
-
-
-class _CellMean(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, cell: Tuple[int, int]):
-        ctx.cell = cell
-        return _cell_sum(x, cell).mul_(1.0 / (cell[0] * cell[1]))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        ch, cw = ctx.cell
-        b, c, gh, gw = grad_out.shape
-        grad = grad_out * (1.0 / (ch * cw))
-        grad = grad.unsqueeze(-1).expand(b, c, gh, gw, cw).reshape(b, c, gh, 1, gw * cw)
-        return grad.expand(b, c, gh, ch, gw * cw).reshape(b, c, gh * ch, gw * cw), None
-
-
 def cell_mean(x: torch.Tensor, cell: Tuple[int, int]) -> torch.Tensor:
-    """``F.avg_pool2d(x, cell)`` for a map whose sides are multiples of ``cell``, at copy speed on CPU.
-
-    ``avg_pool2d`` on an NCHW map runs several times slower than reading the map, forward and backward;
-    summing strided views (forward) and broadcasting (backward) does the same work at memory speed.
-    """
-    if torch.jit.is_scripting():
-        return F.avg_pool2d(x, cell)
+    """``F.avg_pool2d(x, cell)`` for a map whose sides are multiples of ``cell`` (strided sums on CPU)."""
     if cell[0] == 1 and cell[1] == 1:
         return x
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return _cell_sum(x, cell).mul_(1.0 / (cell[0] * cell[1]))
-    return _CellMean.apply(x, cell)
+    if torch.jit.is_scripting() or not kernels_cpu.use_cpu_kernels(x):
+        return F.avg_pool2d(x, cell)
+    return kernels_cpu.cell_mean(x, cell)
 
 
 class PatchEmbedSPP(nn.Module):
@@ -71,7 +28,15 @@ class PatchEmbedSPP(nn.Module):
     divides into the finest level's cells, the input is averaged over those cells before the conv.
     """
 
-    def __init__(self, in_chs: int, embed_chs: int = 8, levels: Sequence[int] = (1, 2, 4)):
+    def __init__(
+            self,
+            in_chs: int,
+            embed_chs: int = 8,
+            levels: Sequence[int] = (1, 2, 4),
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if embed_chs < 1:
             raise ValueError(f'embed_chs must be >= 1, got {embed_chs}')
@@ -79,7 +44,7 @@ class PatchEmbedSPP(nn.Module):
             raise ValueError(f'levels must be a non-empty list of positive ints, got {levels}')
         self.in_chs = in_chs
         self.levels: List[int] = list(levels)
-        self.proj = nn.Conv2d(in_chs + 4, embed_chs, kernel_size=1)
+        self.proj = nn.Conv2d(in_chs + 4, embed_chs, kernel_size=1, **dd)
         self.embed_dim = embed_chs * sum(level * level for level in self.levels)
 
     def forward(self, x: torch.Tensor, patch_size: Tuple[int, int]) -> torch.Tensor:

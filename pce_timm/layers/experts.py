@@ -3,9 +3,12 @@
 All experts live in one weight [e, o, i, k, k] and one BatchNorm over e * o channels, so expert ``j`` owns
 channels ``j * o .. (j + 1) * o``. All three ways of running them use the same parameters:
 
-- dense: one conv with e * o output channels over the whole map (every expert on every pixel);
-- windows: one grouped conv (groups = e) over per-expert buffers of halo windows [c, e * i, wh, ww];
-- sorted (eval only): expert j's own conv over its run of halo windows, sorted by expert.
+- dense: one conv with e * o output channels over the whole map (every expert on every pixel;
+  :class:`.dispatch.SoftDispatch`);
+- windows: one grouped conv (groups = e) over per-expert buffers of halo windows [c, e * i, wh, ww]
+  (:class:`.dispatch.SlotDispatch`);
+- sorted (eval only): expert j's own conv over its run of halo windows, sorted by expert
+  (:class:`.dispatch.SortedDispatch`).
 
 Every expert takes part in every training forward, so every parameter always has a gradient (DDP needs no
 ``find_unused_parameters`` for routing). Shape legend: b batch, e experts, i/o in/out channels, c slots.
@@ -29,7 +32,10 @@ class ConvExperts(nn.Module):
             stride: int = 1,
             eps: float = 1e-5,
             momentum: float = 0.1,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.num_experts = num_experts
         self.in_chs = in_chs
@@ -37,18 +43,20 @@ class ConvExperts(nn.Module):
         self.kernel_size = kernel_size
         self.stride = stride
         self.momentum = momentum
-        self.weight = nn.Parameter(torch.empty(num_experts, out_chs, in_chs, kernel_size, kernel_size))
-        self.bn = nn.BatchNorm2d(num_experts * out_chs, eps=eps, momentum=momentum)
+        self.weight = nn.Parameter(torch.empty(num_experts, out_chs, in_chs, kernel_size, kernel_size, **dd))
+        self.bn = nn.BatchNorm2d(num_experts * out_chs, eps=eps, momentum=momentum, **dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for expert_weight in self.weight.data:  # each expert initialised like a standalone conv
             nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
 
+    @torch.jit.export  # called by the dispatch modules, which get the experts as an argument
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on the whole map: [b, i, h, w] -> [b, e * o, ho, wo]."""
         return self._conv_bn_relu(x, padding=self.kernel_size // 2, groups=1, valid=None)
 
+    @torch.jit.export
     def forward_windows(self, windows: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """Each expert on its own slots of halo windows: [c, e * i, wh, ww] -> [c, e * o, ph, pw].
 
@@ -60,6 +68,7 @@ class ConvExperts(nn.Module):
         """
         return self._conv_bn_relu(windows, padding=0, groups=self.num_experts, valid=valid)
 
+    @torch.jit.export
     def forward_sorted(self, windows: torch.Tensor, counts: List[int]) -> torch.Tensor:
         """Eval: each expert on its own run of halo windows, sorted by expert: [a, i, wh, ww] -> [a, o, ph, pw].
 

@@ -4,9 +4,9 @@ Everything here is a pure function of static sizes (Python ints), so the index t
 same on every call with the same shapes and never depend on tensor values.
 
 Shape legend: b batch, c channels, h/w height/width of the map, ph/pw patch size, gh/gw patch grid,
-n = gh * gw patches, wh/ww halo window size.
+n = gh * gw patches, wh/ww halo window size, ho/wo output map, oph/opw output patch size.
 """
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,44 @@ import torch.nn.functional as F
 def grid_size(height: int, width: int, patch_size: Tuple[int, int]) -> Tuple[int, int]:
     """Number of patch rows and columns covering an ``height x width`` map (the last ones may be padded)."""
     return (height + patch_size[0] - 1) // patch_size[0], (width + patch_size[1] - 1) // patch_size[1]
+
+
+class PatchGeometry(NamedTuple):
+    """The static sizes of one PCE layer on one input size, all Python ints (see :func:`patch_geometry`).
+
+    The input map ``height x width`` is cut into a ``grid_h x grid_w`` grid of ``patch_h x patch_w`` patches;
+    a ``kernel_size`` conv with stride ``stride`` and same padding maps it to ``out_h x out_w``, where each
+    patch becomes an ``out_patch_h x out_patch_w`` output patch and reads a halo window of ``window_h x
+    window_w`` input pixels (``halo_before`` above/left of the patch, ``halo_after`` below/right).
+    """
+    height: int
+    width: int
+    patch_h: int
+    patch_w: int
+    kernel_size: int
+    stride: int
+    halo_before: int
+    halo_after: int
+    grid_h: int
+    grid_w: int
+    out_h: int
+    out_w: int
+    out_patch_h: int
+    out_patch_w: int
+    window_h: int
+    window_w: int
+
+
+def patch_geometry(
+        height: int, width: int, patch_size: Tuple[int, int], kernel_size: int, stride: int) -> PatchGeometry:
+    """The :class:`PatchGeometry` of a ``kernel_size``/``stride`` PCE layer with ``patch_size`` on a map."""
+    ph, pw = patch_size
+    gh, gw = grid_size(height, width, patch_size)
+    before, after = halo(kernel_size, stride)
+    return PatchGeometry(
+        height, width, ph, pw, kernel_size, stride, before, after, gh, gw,
+        (height - 1) // stride + 1, (width - 1) // stride + 1,  # same padding: ceil(size / stride)
+        ph // stride, pw // stride, ph + before + after, pw + before + after)
 
 
 def pad_to_grid(x: torch.Tensor, patch_size: Tuple[int, int]) -> torch.Tensor:

@@ -89,13 +89,20 @@ class CosineRouter(nn.Module):
     or the optimizer learns them (the trainer decides which, per phase).
     """
 
-    def __init__(self, embed_dim: int, num_experts: int, temperature: float = 0.1):
+    def __init__(
+            self,
+            embed_dim: int,
+            num_experts: int,
+            temperature: float = 0.1,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f'router_temperature must be > 0, got {temperature}')
         self.num_experts = num_experts
         self.temperature = temperature
-        self.keys = nn.Parameter(F.normalize(torch.randn(num_experts, embed_dim), dim=1))
+        self.keys = nn.Parameter(F.normalize(torch.randn(num_experts, embed_dim, device=device, dtype=dtype), dim=1))
 
     def forward(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         embeddings = F.normalize(embeddings.float(), dim=-1)
@@ -139,10 +146,18 @@ class CosineRouter(nn.Module):
 class MLPRouter(nn.Module):
     """A two-layer MLP on [embedding, patch position] -> E logits."""
 
-    def __init__(self, embed_dim: int, num_experts: int, hidden_dim: int = 64):
+    def __init__(
+            self,
+            embed_dim: int,
+            num_experts: int,
+            hidden_dim: int = 64,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.fc1 = nn.Linear(embed_dim + 2, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, num_experts)
+        self.fc1 = nn.Linear(embed_dim + 2, hidden_dim, **dd)
+        self.fc2 = nn.Linear(hidden_dim, num_experts, **dd)
         nn.init.normal_(self.fc2.weight, std=0.01)
         nn.init.zeros_(self.fc2.bias)
 
@@ -162,13 +177,19 @@ class PositionalRouter(nn.Module):
     before the buffer existed load with the default grid.
     """
 
-    def __init__(self, num_experts: int, noise_std: float = 1.0):
+    def __init__(
+            self,
+            num_experts: int,
+            noise_std: float = 1.0,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         if noise_std < 0:
             raise ValueError(f'noise_std must be >= 0, got {noise_std}')
         self.num_experts = num_experts
         self.noise_std = noise_std
-        self.register_buffer('anchors', expert_anchors(num_experts, torch.device('cpu')))
+        self.register_buffer('anchors', expert_anchors(num_experts, torch.device('cpu')).to(device=device, dtype=dtype))
 
     def forward(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return positional_logits(positions, embeddings.shape[0], self.num_experts, self.noise_std, self.training,
@@ -190,15 +211,24 @@ class UniformRouter(nn.Module):
         return uniform_logits(embeddings.shape[0], positions.shape[0], self.num_experts, positions.device)
 
 
-def create_router(name: str, embed_dim: int, num_experts: int, temperature: float = 0.1, noise_std: float = 1.0,
-                  hidden_dim: int = 64) -> nn.Module:
-    """Build a router by name; one of :data:`ROUTERS`."""
+def create_router(
+        name: str,
+        embed_dim: int,
+        num_experts: int,
+        temperature: float = 0.1,
+        noise_std: float = 1.0,
+        hidden_dim: int = 64,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """Build a router by name; one of :data:`ROUTERS`. ``device``/``dtype``: timm's factory kwargs."""
+    dd = {'device': device, 'dtype': dtype}
     if name == 'cosine':
-        return CosineRouter(embed_dim, num_experts, temperature=temperature)
+        return CosineRouter(embed_dim, num_experts, temperature=temperature, **dd)
     if name == 'mlp':
-        return MLPRouter(embed_dim, num_experts, hidden_dim=hidden_dim)
+        return MLPRouter(embed_dim, num_experts, hidden_dim=hidden_dim, **dd)
     if name == 'positional':
-        return PositionalRouter(num_experts, noise_std=noise_std)
+        return PositionalRouter(num_experts, noise_std=noise_std, **dd)
     if name == 'uniform':
         return UniformRouter(num_experts)
     raise ValueError(f'router must be one of {ROUTERS}, got {name!r}')

@@ -1,5 +1,7 @@
 """Pure routing functions: router logits -> (probabilities, chosen experts, weights) -> expert slots.
 
+:class:`Routing` carries the choices and weights to the dispatch modules.
+
 Shape legend: t tokens (patches, batch flattened), e experts, k top-k, c capacity (slots per expert),
 a = k * t assignments (choice-major: every token's first choice, then every token's second, ...).
 
@@ -7,10 +9,20 @@ Static shapes throughout: capacities are Python ints computed from sizes, never 
 sparse path compiles with ``torch.compile(fullgraph=True)`` and exports.
 """
 import math
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
+
+
+class Routing(NamedTuple):
+    """What the router chose for every token (``image * n + patch``), the input of every dispatch.
+
+    ``expert_indices`` [t, k] most probable first; ``routing_weights`` [t, k] their weights (top-1: exactly 1
+    in value, with the router's gradient; soft: the probabilities, k = e).
+    """
+    expert_indices: torch.Tensor
+    routing_weights: torch.Tensor
 
 
 def route(

@@ -1,0 +1,45 @@
+"""Soft dispatch: every expert on every pixel, summed with each pixel's patch weights.
+
+Shape legend: b batch, c/o in/out channels, h/w input map, ho/wo output map, n patches, e experts,
+t = b * n tokens.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from ..experts import ConvExperts
+from ..patches import PatchGeometry, patch_geometry
+from .plans import PlanCache, SoftPlan, soft_plan
+from .routing import Routing
+
+
+class SoftDispatch(nn.Module):
+    """``top_k=None``: one conv with e * o channels over the whole map, then the weighted sum over experts.
+
+    Its plan is the patch of every output pixel, which spreads the patch weights [t, e] over the map.
+    """
+
+    def __init__(self, patch_size: Tuple[int, int]):
+        super().__init__()
+        self.patch_size = patch_size
+        self.plans = PlanCache(soft_plan)
+
+    def forward(self, x: torch.Tensor, routing: Routing, experts: ConvExperts) -> torch.Tensor:
+        """[b, c, h, w] -> [b, o, ho, wo]."""
+        b, e, o = x.shape[0], experts.num_experts, experts.out_chs
+        expert_indices, routing_weights = routing.expert_indices, routing.routing_weights
+        geometry = patch_geometry(x.shape[2], x.shape[3], self.patch_size, experts.kernel_size, experts.stride)
+        plan = self._plan(geometry, b, x.device)
+        weights = torch.zeros_like(routing_weights).scatter(1, expert_indices, routing_weights)  # [t, e] by id
+        y = experts.forward_dense(x)  # [b, e * o, ho, wo]
+        ho, wo = y.shape[-2], y.shape[-1]
+        n = weights.shape[0] // b
+        weight_map = weights.to(y.dtype).reshape(b, n, e).index_select(1, plan.patch_of_pixel)  # [b, ho*wo, e]
+        weight_map = weight_map.transpose(1, 2).reshape(b, e, 1, ho, wo)
+        return (y.reshape(b, e, o, ho, wo) * weight_map).sum(1)
+
+    def _plan(self, geometry: PatchGeometry, batch_size: int, device: torch.device) -> SoftPlan:
+        if torch.jit.is_scripting():
+            return soft_plan(geometry, batch_size, device)
+        return self.plans.get(geometry, batch_size, device)
