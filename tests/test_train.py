@@ -405,3 +405,23 @@ def test_accelerate_launch_on_cpu_runs_two_ranks(tmp_path):
         env=_cli_env(), capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert json.loads((tmp_path / 'run' / 'results.json').read_text())['num_processes'] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the CLIs leave the allocator alone unless asked
+
+
+@pytest.mark.parametrize('value, tuned', [(None, False), ('0', False), ('yes', False), ('1', True)])
+def test_run_cli_tunes_the_allocator_only_when_opted_in(monkeypatch, value, tuned):
+    import pce_timm.runtime as runtime
+    from pce_timm.train.cli import run_cli
+
+    calls = []
+    monkeypatch.setattr(runtime, 'keep_freed_memory', lambda: calls.append(1) or True)
+    if value is None:
+        monkeypatch.delenv(runtime.ENV_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(runtime.ENV_SWITCH, value)
+    assert run_cli(lambda: None) == 0
+    assert calls == ([1] if tuned else [])
+    assert runtime.keep_freed_memory_if_enabled() is tuned
