@@ -24,7 +24,8 @@ from pce_timm.train import NonFiniteLossError, RecipeError, parse_args, parse_ph
 from pce_timm.train.config import model_kwargs
 from pce_timm.train.engine import Criterion, train_one_epoch
 from pce_timm.train.models import FREEZE_CHOICES, freeze_parts, load_model
-from pce_timm.train.schedule import GROUPS, param_groups, phase_at
+from pce_timm.train.optim import GROUPS, param_groups
+from pce_timm.train.schedule import phase_at
 from pce_timm.train.trainer import _setup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -425,3 +426,22 @@ def test_run_cli_tunes_the_allocator_only_when_opted_in(monkeypatch, value, tune
     assert run_cli(lambda: None) == 0
     assert calls == ([1] if tuned else [])
     assert runtime.keep_freed_memory_if_enabled() is tuned
+
+
+def test_pce_layers_has_one_home_and_looks_through_wrappers(tmp_path):
+    from pce_timm import analysis, layers
+    from pce_timm.train import schedule
+
+    args = tiny_args(tmp_path)
+    model = timm.create_model(args.model, num_classes=10, in_chans=1, **model_kwargs(args))
+
+    class Wrapper(torch.nn.Module):  # what DDP / accelerate put around a model: the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert analysis.pce_layers is layers.pce_layers and schedule.pce_layers is layers.pce_layers
+    names = list(layers.pce_layers(model))
+    assert names == ['layer2.0.conv1', 'layer2.1.conv1', 'layer3.0.conv1', 'layer3.1.conv1']
+    wrapped = layers.pce_layers(Wrapper(model))
+    assert list(wrapped) == names and all(wrapped[n] is m for n, m in layers.pce_layers(model).items())

@@ -5,6 +5,8 @@
 """
 from .checkpoint import NonFiniteLossError, TrainerState, latest_checkpoint, resolve_resume, save_model_dir
 from .config import RecipeError, build_parser, load_recipe, parse_args, save_config, validate_args
-from .schedule import GROUPS, KEYS, ROUTING, Phase, apply_phase, init_router_keys, param_groups, parse_phases
+from .optim import GROUPS, param_groups
+from .router_keys import init_router_keys
+from .schedule import KEYS, ROUTING, Phase, apply_phase, parse_phases
 from .trackers import CSVTracker
 from .trainer import RESULTS_FILE, train

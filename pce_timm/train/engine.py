@@ -4,7 +4,6 @@
 """
 import argparse
 import logging
-import math
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
@@ -14,22 +13,22 @@ import torch.nn as nn
 from accelerate import Accelerator
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
 from pce_timm.data import create_dataset_transform, create_loader, dataset_info, load_image_dataset
-from pce_timm.layers import AuxLossWeights, collect_aux_loss
+from pce_timm.layers import AuxLossWeights, collect_aux_loss, pce_layers
 
 from .checkpoint import NonFiniteLossError
 from .config import model_kwargs
 from .data import create_train_loader
 from .metrics import MetricMeter, routing_records, sample_records
 from .models import load_model, resolve_model_source
-from .schedule import Phase, apply_phase, ema_update_keys, param_groups, pce_layers, phase_at
+from .optim import set_lr
+from .router_keys import ema_update_keys
+from .schedule import Phase, apply_phase, phase_at
 
-__all__ = ['DataBundle', 'load_data', 'create_train_model', 'create_optimizer', 'create_scheduler', 'set_lr',
-           'PhaseController', 'train_one_epoch', 'evaluate', 'data_config']
+__all__ = ['DataBundle', 'load_data', 'create_train_model', 'PhaseController', 'Criterion', 'train_one_epoch',
+           'evaluate', 'data_config']
 
 _logger = logging.getLogger(__name__)
 
@@ -121,45 +120,6 @@ def create_train_model(args: argparse.Namespace, data: DataBundle, **overrides: 
     if starts_from_trained(args) and not args.pretrained:
         return load_model(args.model, **kwargs)
     return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-
-
-def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    """timm's optimizer over the five phase groups (see :func:`.schedule.param_groups`)."""
-    no_wd = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
-    groups = param_groups(model, args.weight_decay, no_wd)
-    kwargs = {}
-    if args.opt_eps is not None:
-        kwargs['eps'] = args.opt_eps
-    if args.opt_betas is not None:
-        kwargs['betas'] = tuple(args.opt_betas)
-    optimizer = create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, **kwargs)
-    for group in optimizer.param_groups:
-        group.setdefault('initial_lr', group['lr'])
-    return optimizer
-
-
-def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
-    """timm's scheduler (None for ``sched: none``); stepped per update or per epoch (``sched_on_updates``)."""
-    if args.sched == 'none':
-        return None
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, cooldown_epochs=args.cooldown_epochs,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
-    return scheduler
-
-
-def set_lr(scheduler, optimizer: torch.optim.Optimizer, epoch: int, update: int) -> None:
-    """Set every group's lr for this point of training: the schedule's value times the group's ``lr_scale``."""
-    if scheduler is None:
-        for group in optimizer.param_groups:
-            group['lr'] = group['initial_lr'] * group.get('lr_scale', 1.0)
-    elif scheduler.t_in_epochs:
-        scheduler.step(epoch)
-    else:
-        scheduler.step_update(update)
 
 
 class PhaseController:
@@ -318,7 +278,3 @@ def evaluate(
     metrics = meter.compute()
     metrics['eval_time_s'] = round(time.time() - start, 3)
     return metrics
-
-
-def updates_per_epoch(num_batches: int, grad_accum_steps: int) -> int:
-    return max(1, math.ceil(num_batches / grad_accum_steps))

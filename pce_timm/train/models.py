@@ -14,8 +14,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import timm
 import torch.nn as nn
 
+from pce_timm.layers import pce_layers
+
 from .config import CONFIG_FILE, model_kwargs, parse_args
-from .schedule import pce_layers
 
 __all__ = ['resolve_model_source', 'load_model', 'freeze_parts', 'FREEZE_CHOICES']
 

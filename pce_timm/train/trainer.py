@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-from tqdm.auto import tqdm
 
 import pce_timm
 
@@ -39,22 +38,21 @@ from .engine import (
     DataBundle,
     PhaseController,
     build_loaders,
-    create_optimizer,
-    create_scheduler,
     create_train_model,
     data_config,
     evaluate,
     load_data,
     starts_from_trained,
     train_one_epoch,
-    updates_per_epoch,
 )
 from .metrics import routing_summary
 from .models import freeze_parts
-from .schedule import check_phases_fit_model, init_router_keys, needs_unused_parameters, pce_layers
+from .optim import create_optimizer, create_scheduler, updates_per_epoch
+from .router_keys import fit_router_keys
+from .schedule import check_phases_fit_model, needs_unused_parameters
 from .trackers import build_trackers
 
-__all__ = ['train', 'RunContext', 'build_accelerator', 'fit_router_keys', 'export_model', 'RESULTS_FILE']
+__all__ = ['train', 'RunContext', 'build_accelerator', 'export_model', 'RESULTS_FILE']
 
 _logger = logging.getLogger(__name__)
 RESULTS_FILE = 'results.json'
@@ -104,19 +102,6 @@ def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator
                            f'{accelerator.num_processes} ({accelerator.distributed_type}); on CPU launch with '
                            '`accelerate launch --multi_gpu --num_processes N` or torchrun')
     return accelerator
-
-
-def fit_router_keys(model: nn.Module, loader, num_batches: int, seed: int, device, progress: bool) -> Dict[str, int]:
-    """K-Means-initialise cosine-router keys from ``num_batches`` real training batches (same on every rank)."""
-    if not any(hasattr(m.router, 'init_keys') for m in pce_layers(model).values()):
-        return {}
-    batches = []
-    for i, (x, _) in enumerate(tqdm(loader, total=min(num_batches, len(loader)), desc='key init (K-Means)',
-                                    disable=not progress, leave=False)):
-        if i >= num_batches:
-            break
-        batches.append(x.to(device))
-    return init_router_keys(model, batches, seed=seed)
 
 
 def export_model(ctx: RunContext, model_dir: Path) -> None:
