@@ -1,12 +1,11 @@
 """The optimizer side of training: parameter groups by role, timm's optimizer over them, the lr schedule.
 
-The model's parameters fall into five groups (:data:`GROUPS`): ``experts`` (the expert convs and the mixing
+The model's parameters fall into five groups (:data:`.schedule.GROUPS`): ``experts`` (the expert convs and the mixing
 conv of every PCE layer), ``router`` (router parameters: cosine keys or the MLP), ``embed`` (the patch
 embedding that feeds the router), ``attention`` (the deformable-attention modules) and ``rest`` (stem, dense
 convs, norms, head). The phases of :mod:`.schedule` freeze and unfreeze them through each group's
 ``lr_scale``; :func:`set_lr` applies it.
 """
-import argparse
 import math
 from typing import Any, Dict, Iterable, List, Tuple
 
@@ -17,10 +16,10 @@ from timm.scheduler import create_scheduler_v2
 
 from pce_timm.layers import PCEConv2d, pce_layers
 
-__all__ = ['GROUPS', 'param_groups', 'create_optimizer', 'create_scheduler', 'set_lr', 'updates_per_epoch']
+from .config import OptimConfig, ScheduleConfig
+from .schedule import GROUPS
 
-GROUPS = ('experts', 'router', 'embed', 'attention', 'rest')
-
+__all__ = ['param_groups', 'create_optimizer', 'create_scheduler', 'set_lr', 'updates_per_epoch']
 
 def _group_of(name: str, layers: Dict[str, PCEConv2d]) -> str:
     for layer_name in layers:
@@ -62,31 +61,31 @@ def param_groups(model: nn.Module, weight_decay: float, no_weight_decay: Iterabl
     return groups
 
 
-def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    """timm's optimizer over the five phase groups (see :func:`.schedule.param_groups`)."""
+def create_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer over the five phase groups of :func:`param_groups`."""
     no_wd = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
-    groups = param_groups(model, args.weight_decay, no_wd)
+    groups = param_groups(model, optim.weight_decay, no_wd)
     kwargs = {}
-    if args.opt_eps is not None:
-        kwargs['eps'] = args.opt_eps
-    if args.opt_betas is not None:
-        kwargs['betas'] = tuple(args.opt_betas)
-    optimizer = create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, **kwargs)
+    if optim.opt_eps is not None:
+        kwargs['eps'] = optim.opt_eps
+    if optim.opt_betas is not None:
+        kwargs['betas'] = tuple(optim.opt_betas)
+    optimizer = create_optimizer_v2(groups, opt=optim.opt, lr=optim.lr, weight_decay=optim.weight_decay,
+                                    momentum=optim.momentum, **kwargs)
     for group in optimizer.param_groups:
         group.setdefault('initial_lr', group['lr'])
     return optimizer
 
 
-def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+def create_scheduler(schedule: ScheduleConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
     """timm's scheduler (None for ``sched: none``); stepped per update or per epoch (``sched_on_updates``)."""
-    if args.sched == 'none':
+    if schedule.sched == 'none':
         return None
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, cooldown_epochs=args.cooldown_epochs,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+        optimizer, sched=schedule.sched, num_epochs=schedule.epochs, decay_epochs=schedule.decay_epochs,
+        decay_rate=schedule.decay_rate, min_lr=schedule.min_lr, warmup_lr=schedule.warmup_lr,
+        warmup_epochs=schedule.warmup_epochs, cooldown_epochs=schedule.cooldown_epochs,
+        step_on_epochs=not schedule.sched_on_updates, updates_per_epoch=updates_per_epoch)
     return scheduler
 
 

@@ -40,13 +40,12 @@ import torch.nn as nn
 
 from pce_timm.layers import CosineRouter, pce_layers
 
-from .optim import GROUPS
-
 __all__ = [
-    'ROUTING', 'KEYS', 'Phase', 'parse_phases', 'phase_at', 'apply_phase', 'needs_unused_parameters',
+    'GROUPS', 'ROUTING', 'KEYS', 'Phase', 'parse_phases', 'phase_at', 'apply_phase', 'needs_unused_parameters',
     'check_phases_fit_model',
 ]
 
+GROUPS = ('experts', 'router', 'embed', 'attention', 'rest')  # optimizer groups (.optim.param_groups)
 ROUTING = ('router', 'positional', 'uniform', 'ema')
 KEYS = ('learnable', 'ema', 'frozen')
 _PHASE_KEYS = ('name', 'epochs', 'routing', 'keys', 'gumbel_tau', 'noise', 'attention', 'ema_decay', 'train')
