@@ -10,7 +10,7 @@ from pce_timm.hub.release import ReleaseError
 from pce_timm.runtime import keep_freed_memory_if_enabled
 
 from .checkpoint import NonFiniteLossError
-from .config import RecipeError
+from .recipe import RecipeError
 
 __all__ = ['USER_ERRORS', 'run_cli']
 

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from pce_timm.layers import pce_layers
 
-from .config import CONFIG_FILE, ModelConfig, model_kwargs, parse_args
+from .config import ModelConfig, model_kwargs, parse_args
+from .recipe import CONFIG_FILE
 
 __all__ = ['resolve_model_source', 'load_model', 'starts_from_trained', 'create_train_model', 'freeze_parts',
            'FREEZE_CHOICES']

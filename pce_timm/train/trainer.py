@@ -31,12 +31,13 @@ from .checkpoint import (
     save_model_dir,
     write_json_atomic,
 )
-from .config import RecipeError, TrainConfig, config_dict, flat_hparams, save_config
+from .config import TrainConfig, config_dict, flat_hparams, save_config
 from .data import DataBundle, build_loaders, data_config, load_data
 from .engine import Criterion, PhaseController, create_mixup, evaluate, train_one_epoch
 from .metrics import routing_summary
 from .models import create_train_model, freeze_parts, starts_from_trained
 from .optim import create_optimizer, create_scheduler, updates_per_epoch
+from .recipe import RecipeError
 from .router_keys import fit_router_keys
 from .schedule import check_phases_fit_model, needs_unused_parameters
 from .trackers import build_trackers
