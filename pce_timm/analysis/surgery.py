@@ -413,22 +413,22 @@ def usage_from_stats(stats: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Li
     return {name: list(summary['usage_counts']) for name, summary in layers.items()}
 
 
-@torch.no_grad()
 def evaluate_top1(model: nn.Module, loader: Iterable, num_images: Optional[int] = None) -> float:
-    """Top-1 accuracy in percent over ``loader``'s images (up to ``num_images``), in eval mode."""
+    """Top-1 accuracy in percent over ``loader``'s images (up to ``num_images``), in eval mode.
+
+    Counted by the package's one evaluator (:func:`pce_timm.train.engine.evaluate`), as training and
+    ``scripts/evaluate.py`` count it; the model's train / eval mode is restored afterwards.
+    """
+    from ..train.engine import evaluate  # on use: importing analysis does not load the training stack
+
     was_training = model.training
-    model.eval()
-    correct = total = 0
     try:
-        for images, labels in _limited_batches(loader, num_images):
-            logits = model(images.to(_device_of(model)))
-            correct += int((logits.argmax(-1).cpu() == labels).sum())
-            total += len(labels)
+        metrics = evaluate(model, loader, progress=False, max_images=num_images)
     finally:
         model.train(was_training)
-    if total == 0:
+    if metrics['num_samples'] == 0:
         raise ValueError('the loader gave no images to evaluate')
-    return 100.0 * correct / total
+    return metrics['top1']
 
 
 def evaluate_surgery(before: nn.Module, after: nn.Module, loader: Iterable,

@@ -170,27 +170,48 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
 def evaluate(
         model: nn.Module,
         loader: Iterable,
-        accelerator: Accelerator,
-        num_classes: int,
+        accelerator: Optional[Accelerator] = None,
+        num_classes: Optional[int] = None,
         progress: bool = True,
         desc: str = 'eval',
+        max_images: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Top-1, top-5 (top-min(5, classes)), mean CE and per-PCE-layer routing statistics over a whole split.
+    """Top-1, top-5 (top-min(5, classes)), mean CE and per-PCE-layer routing statistics over a split, in eval mode.
 
-    Per-sample records are gathered with ``gather_for_metrics``, so the numbers cover each sample exactly
-    once however many processes ran.
+    The one evaluator of the package: training, ``scripts/evaluate.py`` and expert surgery's before / after
+    comparison all count hits here. With an ``accelerator`` (a prepared model and loader) per-sample records are
+    gathered with ``gather_for_metrics``, so the numbers cover each sample exactly once however many processes
+    ran. Without one, batches go to the device of the model's parameters in this process, and ``max_images``
+    stops after that many images.
+
+    Args:
+        num_classes: for top-min(5, classes); default the logits' last dimension.
     """
+    if accelerator is not None and max_images is not None:
+        raise ValueError('max_images: limit the images with the loader when evaluating under an accelerator')
     model.eval()
     layers = pce_layers(model)
     meter = MetricMeter()
     start = time.time()
-    bar = tqdm(loader, desc=desc, disable=not (progress and accelerator.is_local_main_process),
-               dynamic_ncols=True, leave=False)
+    device = next(model.parameters()).device if accelerator is None else None
+    main = accelerator is None or accelerator.is_local_main_process
+    bar = tqdm(loader, desc=desc, disable=not (progress and main), dynamic_ncols=True, leave=False)
     for x, y in bar:
+        if accelerator is None:
+            if max_images is not None:
+                x, y = x[:max_images - meter.count], y[:max_images - meter.count]
+            if len(y) == 0:
+                break
+            x, y = x.to(device), y.to(device)
         logits = model(x)
-        record = {'samples': sample_records(logits, y, num_classes), 'routing': routing_records(layers)}
-        record = accelerator.gather_for_metrics(record)
+        record = {'samples': sample_records(logits, y, num_classes or logits.shape[-1]),
+                  'routing': routing_records(layers)}
+        if accelerator is not None:
+            record = accelerator.gather_for_metrics(record)
         meter.update(record['samples'], record['routing'])
+        if max_images is not None and meter.count >= max_images:
+            break
+    bar.close()
     metrics = meter.compute()
     metrics['eval_time_s'] = round(time.time() - start, 3)
     return metrics
