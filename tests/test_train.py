@@ -510,3 +510,16 @@ def test_optimizer_and_criterion_take_their_sections(tmp_path):
     mixup = create_mixup(mixing.augment, mixing.loss.smoothing, 10)
     criterion = Criterion(mixing.loss, mixup)
     assert criterion.mixup is mixup and mixup.mixup_alpha == 0.2 and isinstance(criterion.ce, SoftTargetCrossEntropy)
+
+
+def test_format_table_aligns_columns_and_checks_align():
+    from pce_timm.train.evaluation import format_table
+
+    text = format_table([['a', 1.5, None], ['long name', 12, [1, 2]]], ['layer', 'x', 'dead'], align='<>>')
+    assert text.split('\n') == ['layer          x  dead',
+                                '---------  -----  ----',
+                                'a          1.500   inf',
+                                'long name     12     2']
+    assert format_table([['a', 'b']], ['h1', 'h2']).split('\n')[2] == 'a   b '
+    with pytest.raises(ValueError, match='align'):
+        format_table([['a']], ['h'], align='<>')

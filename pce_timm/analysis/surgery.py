@@ -449,13 +449,12 @@ def evaluate_surgery(before: nn.Module, after: nn.Module, loader: Iterable,
 
 def format_surgery_table(result: Mapping[str, Mapping[str, Any]]) -> str:
     """A plain-text before/after table of :func:`evaluate_surgery`'s result."""
+    from ..train.evaluation import format_table  # the package's one text table
+
     before, after = result['before'], result['after']
-    rows = [('top-1 (%)', f"{before['top1']:.2f}", f"{after['top1']:.2f}"),
-            ('params', f"{before['params']:,}", f"{after['params']:,}")]
-    rows += [(f'experts {name}', str(count), str(after['expert_counts'].get(name, '-')))
+    rows = [['top-1 (%)', f"{before['top1']:.2f}", f"{after['top1']:.2f}"],
+            ['params', f"{before['params']:,}", f"{after['params']:,}"]]
+    rows += [[f'experts {name}', str(count), str(after['expert_counts'].get(name, '-'))]
              for name, count in before['expert_counts'].items()]
-    width = max(len(row[0]) for row in rows)
-    lines = [f"{'':<{width}}  {'before':>12}  {'after':>12}"]
-    lines += [f'{label:<{width}}  {b:>12}  {a:>12}' for label, b, a in rows]
-    return '\n'.join(lines)
+    return format_table(rows, ['', 'before', 'after'], align='<>>')
 
