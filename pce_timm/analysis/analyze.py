@@ -43,7 +43,7 @@ from .routes import (
 )
 from .stats import RoutingAccumulator
 
-__all__ = ['analyze_model', 'pce_layers']
+__all__ = ['analyze_model']
 
 
 class _LayerRecorder:

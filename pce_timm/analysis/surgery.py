@@ -49,11 +49,10 @@ import torch
 import torch.nn as nn
 from timm.models._input import update_model_args
 
-from ..layers import PCEConv2d
+from ..layers import PCEConv2d, pce_layers
 from ..layers.routers import CosineRouter, MLPRouter, PositionalRouter, UniformRouter
 from ..layers.routing_stats import _check_counts
 from ..models.pce_resnet import PCEResNet
-from .analyze import pce_layers
 
 __all__ = [
     'prune_experts', 'reinforce_experts', 'collect_usage', 'usage_from_stats', 'expert_counts', 'evaluate_top1',
