@@ -80,6 +80,16 @@ def test_router_entropy_known_answers_and_its_logits_form():
     assert mean_router_entropy(probs) == pytest.approx(float(router_entropy(probs.double()).mean()), rel=1e-12)
 
 
+def test_layer_top1_soft_from_logits_sparse_from_first_choice():
+    from pce_timm.layers.routing_stats import layer_top1
+
+    logits = torch.tensor([[[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]]])  # [1, 2, 3]
+    in_index_order = torch.tensor([[[0, 1, 2], [0, 1, 2]]])  # soft routing may list every expert by index
+    assert layer_top1(logits, in_index_order, soft=True).tolist() == [[1, 0]]
+    chosen = torch.tensor([[[2, 0], [1, 2]]])  # sparse: most probable first, whatever the logits say
+    assert layer_top1(logits, chosen, soft=False).tolist() == [[2, 1]]
+
+
 def test_one_semantics_for_unused_experts_inf_in_memory_null_in_json():
     from pce_timm.layers.routing_stats import json_number
     from pce_timm.train.metrics import routing_summary, summarize_usage

@@ -45,6 +45,15 @@ def top1_experts(expert_indices: torch.Tensor) -> torch.Tensor:
     return expert_indices[..., 0]
 
 
+def layer_top1(router_logits: torch.Tensor, expert_indices: torch.Tensor, soft: bool) -> torch.Tensor:
+    """A layer's top-1 expert per patch [b, n] from its last forward: ``router_logits`` [b, n, e] and
+    ``expert_indices`` [b, n, k].
+
+    Soft routing takes the logits' argmax; sparse routing its first choice (the most probable one).
+    """
+    return router_logits.argmax(-1) if soft else top1_experts(expert_indices)
+
+
 def order_by_probability(router_probs: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
     """Reorder each patch's chosen experts [b, n, k] by router probability, most probable first.
 

@@ -16,6 +16,7 @@ from pce_timm.layers.routing_stats import (
     dead_experts,
     imbalance,
     json_number,
+    layer_top1,
     router_entropy_from_logits,
     usage_entropy,
 )
@@ -40,7 +41,7 @@ def routing_records(layers: Dict[str, PCEConv2d]) -> Dict[str, Dict[str, torch.T
         if logits is None:
             continue
         logits = logits.detach().float()
-        first = logits.argmax(-1) if layer.soft else layer.last_expert_indices[..., 0]  # [b, n]
+        first = layer_top1(logits, layer.last_expert_indices, layer.soft)  # [b, n]
         counts = F.one_hot(first, layer.num_experts).sum(1).float()  # [b, e]
         records[name] = {'counts': counts, 'entropy': router_entropy_from_logits(logits).mean(1)}  # [b]
     return records

@@ -9,15 +9,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from pce_timm.layers import CosineRouter, PCEConv2d, pce_layers
+from pce_timm.layers import CosineRouter, pce_layers
+from pce_timm.layers.routing_stats import layer_top1
 
 __all__ = ['init_router_keys', 'fit_router_keys', 'ema_update_keys']
-
-
-def _first_choices(layer: PCEConv2d) -> torch.Tensor:
-    if layer.soft:
-        return layer.last_router_logits.argmax(-1)
-    return layer.last_expert_indices[..., 0]
 
 
 @torch.no_grad()
@@ -35,7 +30,7 @@ def ema_update_keys(model: nn.Module, decay: float, gather=None) -> int:
         if not isinstance(layer.router, CosineRouter) or layer.last_embeddings is None:
             continue
         embeddings = layer.last_embeddings.detach().float()
-        choices = _first_choices(layer).detach()
+        choices = layer_top1(layer.last_router_logits, layer.last_expert_indices, layer.soft).detach()
         if gather is not None:
             embeddings, choices = gather(embeddings.contiguous()), gather(choices.contiguous())
         layer.router.ema_update(embeddings.reshape(-1, embeddings.shape[-1]), choices.reshape(-1), decay)
