@@ -1,4 +1,4 @@
-"""Process-wide CPU settings the scripts apply before they start work.
+"""Opt-in process-wide CPU allocator tuning: off unless ``PCE_TIMM_MALLOC_TUNING=1``.
 
 glibc's malloc hands blocks above its mmap threshold (128 KiB, adapting up to 32 MiB) straight to the
 kernel and returns them on free, so every large activation of every step is a fresh mapping whose pages
@@ -7,13 +7,24 @@ page faults cost as much as the arithmetic of the cheap ops around a convolution
 performance guide recommends jemalloc or TCMalloc for this; :func:`keep_freed_memory` gets the same effect
 from the allocator already loaded, by telling glibc to keep freed memory for reuse.
 
-Set ``PCE_TIMM_MALLOC_TUNING=0`` to leave the allocator alone.
+Nothing here runs on import, and the CLIs (``pce_timm.train.cli.run_cli``) leave the allocator alone by
+default, so a script's speed is what a user's own process gets. The environment variable decides:
+
+- ``PCE_TIMM_MALLOC_TUNING=1``: the CLIs call :func:`keep_freed_memory` before they start work
+  (:func:`keep_freed_memory_if_enabled`);
+- unset, or any other value: the CLIs change nothing;
+- ``PCE_TIMM_MALLOC_TUNING=0`` also vetoes an explicit :func:`keep_freed_memory` call (e.g. the
+  benchmark's tuned row).
+
+The alternative that needs no code: ``LD_PRELOAD`` jemalloc or TCMalloc.
 """
 import ctypes
 import ctypes.util
 import logging
 import os
 import sys
+
+__all__ = ['ENV_SWITCH', 'keep_freed_memory', 'keep_freed_memory_if_enabled']
 
 _logger = logging.getLogger(__name__)
 
@@ -34,7 +45,7 @@ def keep_freed_memory(
     ``trim_threshold`` bytes of freed memory, so repeated large allocations reuse pages instead of
     faulting in new ones. The process keeps its peak heap until it exits.
 
-    Returns True if the settings were applied; False (and changes nothing) when switched off by
+    Returns True if the settings were applied; False (and changes nothing) when vetoed by
     ``PCE_TIMM_MALLOC_TUNING=0``, off Linux, or when the C library is not glibc.
     """
     if os.environ.get(ENV_SWITCH, '1') == '0' or not sys.platform.startswith('linux'):
@@ -51,3 +62,13 @@ def keep_freed_memory(
     if not applied:
         _logger.warning('glibc mallopt refused a setting; the allocator keeps some of its defaults')
     return applied
+
+
+def keep_freed_memory_if_enabled() -> bool:
+    """:func:`keep_freed_memory` only when the user opted in with ``PCE_TIMM_MALLOC_TUNING=1``; else nothing.
+
+    Returns whether the settings were applied.
+    """
+    if os.environ.get(ENV_SWITCH) != '1':
+        return False
+    return keep_freed_memory()

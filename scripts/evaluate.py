@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from pce_timm.train.cli import run_cli
-from pce_timm.train.config import MIXED_PRECISION
 from pce_timm.train.evaluation import default_output, evaluate_model, results_table, save_results
+from pce_timm.train.recipe import MIXED_PRECISION
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -31,11 +31,11 @@ def main(argv=None) -> int:
         pre, _ = parser.parse_known_args(argv)
         if pre.model and not pre.output_dir and not pre.resume and pre.dataset:
             parser.set_defaults(output_dir=str(Path('runs') / f'finetune-{source_name(pre.model)}-{pre.dataset}'))
-        args = parse_args(argv, parser)
-        name, checkpoint = resolve_model_source(args.model)
-        if checkpoint is None and name == args.model and ':' not in name:
-            args.pretrained = True  # a timm name: start from its pretrained weights
-        train(args)
+        cfg = parse_args(argv, parser)
+        name, checkpoint = resolve_model_source(cfg.model.name)
+        if checkpoint is None and name == cfg.model.name and ':' not in name:
+            cfg = cfg.replace(pretrained=True)  # a timm name: start from its pretrained weights
+        train(cfg)
 
     return run_cli(run)
 

@@ -7,7 +7,8 @@
     python scripts/train.py --resume runs/x                                       # continue a run
 
 Recipe keys are the argument names with underscores (``batch_size``) plus ``phases``; see
-``pce_timm/train/config.py`` and ``pce_timm/train/schedule.py``.
+``pce_timm/train/recipe.py`` (flags), ``pce_timm/train/config.py`` (the typed config they fill) and
+``pce_timm/train/schedule.py`` (phases).
 """
 import sys
 

@@ -67,6 +67,46 @@ def test_single_expert_and_thresholds():
         dead_experts(torch.tensor([1, 2]), threshold=2.0)
 
 
+def test_router_entropy_known_answers_and_its_logits_form():
+    from pce_timm.layers.routing_stats import normalize_entropy, router_entropy, router_entropy_from_logits
+
+    uniform, certain = torch.full((2, 3, 4), 0.25), torch.eye(4)[[0, 2, 1]].expand(2, 3, 4)
+    assert torch.allclose(router_entropy(uniform), torch.full((2, 3), math.log(4)))
+    assert torch.equal(router_entropy(certain), torch.zeros(2, 3))
+    assert normalize_entropy(math.log(4), 4) == pytest.approx(1.0) and normalize_entropy(0.3, 1) == 0.0
+    logits = 4 * torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(router_entropy_from_logits(logits), router_entropy(logits.softmax(-1)), atol=1e-5)
+    probs = logits.softmax(-1)
+    assert mean_router_entropy(probs) == pytest.approx(float(router_entropy(probs.double()).mean()), rel=1e-12)
+
+
+def test_layer_top1_soft_from_logits_sparse_from_first_choice():
+    from pce_timm.layers.routing_stats import layer_top1
+
+    logits = torch.tensor([[[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]]])  # [1, 2, 3]
+    in_index_order = torch.tensor([[[0, 1, 2], [0, 1, 2]]])  # soft routing may list every expert by index
+    assert layer_top1(logits, in_index_order, soft=True).tolist() == [[1, 0]]
+    chosen = torch.tensor([[[2, 0], [1, 2]]])  # sparse: most probable first, whatever the logits say
+    assert layer_top1(logits, chosen, soft=False).tolist() == [[2, 1]]
+
+
+def test_one_semantics_for_unused_experts_inf_in_memory_null_in_json():
+    from pce_timm.layers.routing_stats import json_number
+    from pce_timm.train.metrics import routing_summary, summarize_usage
+
+    counts = torch.tensor([6, 0, 3, 3])
+    assert imbalance(counts) == float('inf') and json_number(imbalance(counts)) is None
+    assert json_number(2.0) == 2.0
+    record = summarize_usage(counts, mean_entropy=0.25)  # the results.json record of a layer
+    assert record['imbalance'] is None and record['dead_experts'] == dead_experts(counts) == [1]
+    assert record['usage_entropy'] == round(usage_entropy(counts), 6)
+    assert record['usage_share'] == [0.5, 0.0, 0.25, 0.25] and record['usage_counts'] == [6, 0, 3, 3]
+    balanced = summarize_usage(torch.tensor([4, 2, 2, 4]), mean_entropy=0.25)
+    assert balanced['imbalance'] == imbalance(torch.tensor([4, 2, 2, 4])) == 2.0
+    assert routing_summary({'a': record, 'b': balanced})['max_imbalance'] is None
+    assert routing_summary({'b': balanced})['max_imbalance'] == 2.0
+
+
 def test_usage_counts_all_choices():
     expert_indices = torch.tensor([[[0, 1], [2, 1]]])
     assert usage_counts(expert_indices, 3).tolist() == [1, 0, 1]

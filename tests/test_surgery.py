@@ -181,6 +181,24 @@ def test_evaluate_surgery_table():
     assert 'experts layer3.0.conv1' in table and 'top-1' in table
 
 
+def test_evaluate_top1_counts_like_a_reference_loop_and_restores_the_mode():
+    from pce_timm.analysis.surgery import evaluate_top1
+
+    model = tiny_model()
+    x = torch.randn(20, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        predictions = model(x).argmax(-1)
+    labels = predictions.clone()
+    labels[::3] = (labels[::3] + 1) % 10  # 7 of 20 wrong
+    batches = [(x[:8], labels[:8]), (x[8:16], labels[8:16]), (x[16:], labels[16:])]
+    assert evaluate_top1(model, batches) == pytest.approx(100.0 * 13 / 20, abs=1e-4)
+    first = (predictions[:10] == labels[:10]).sum().item()  # stops after 10 images, mid-batch
+    assert evaluate_top1(model.train(), batches, num_images=10) == pytest.approx(10.0 * first, abs=1e-4)
+    assert model.training, 'the caller\'s train mode is restored'
+    with pytest.raises(ValueError, match='no images'):
+        evaluate_top1(model, [])
+
+
 def test_rejects_bad_arguments():
     model = tiny_model(top_k=2)
     with pytest.raises(ValueError, match=r"unknown PCE layers \['layer9.0.conv1'\]"):

@@ -24,7 +24,8 @@ from pce_timm.train import NonFiniteLossError, RecipeError, parse_args, parse_ph
 from pce_timm.train.config import model_kwargs
 from pce_timm.train.engine import Criterion, train_one_epoch
 from pce_timm.train.models import FREEZE_CHOICES, freeze_parts, load_model
-from pce_timm.train.schedule import GROUPS, param_groups, phase_at
+from pce_timm.train.optim import param_groups
+from pce_timm.train.schedule import GROUPS, phase_at
 from pce_timm.train.trainer import _setup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,9 +104,10 @@ def test_recipe_sets_defaults_and_cli_wins(tmp_path):
     assert args.lr == 0.01 and args.weight_decay == 0.0
     assert args.pce_stages == [1, 2] and args.model_kwargs == {'channels': [8, 16, 32, 64], 'stem_width': 8}
     assert [p.name for p in args.phases] == ['stabilise', 'router', 'attention']
-    assert model_kwargs(args)['pce_stages'] == (1, 2)
+    assert model_kwargs(args.model)['pce_stages'] == (1, 2)
     soft = tiny_args(tmp_path, top_k='soft')
-    model = timm.create_model(soft.model, **model_kwargs(soft))  # 'soft' survives create_model (None would not)
+    # 'soft' survives create_model (None would not)
+    model = timm.create_model(soft.model.name, **model_kwargs(soft.model))
     soft_flags = [m.soft for m in model.modules() if hasattr(m, 'soft')]
     assert soft_flags and all(soft_flags)
 
@@ -126,7 +128,7 @@ def test_phase_layout_and_trainable_groups():
 
 def test_param_groups_cover_every_parameter_once(tmp_path):
     args = tiny_args(tmp_path)
-    model = timm.create_model(args.model, num_classes=10, in_chans=1, **model_kwargs(args))
+    model = timm.create_model(args.model.name, num_classes=10, in_chans=1, **model_kwargs(args.model))
     groups = param_groups(model, weight_decay=0.05)
     seen = [id(p) for g in groups for p in g['params']]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())
@@ -240,7 +242,7 @@ def test_local_dir_reload_gives_the_same_logits(trained_run):
     run, _ = trained_run
     reloaded = timm.create_model(f'local-dir:{run / "model"}', pretrained=True).eval()
     args = parse_args(['--config', str(run / 'config.yaml')])
-    rebuilt = timm.create_model(args.model, num_classes=10, in_chans=1, **model_kwargs(args)).eval()
+    rebuilt = timm.create_model(args.model.name, num_classes=10, in_chans=1, **model_kwargs(args.model)).eval()
     checkpoint = sorted((run / 'checkpoints').iterdir())[-1]
     rebuilt.load_state_dict(load_file(str(checkpoint / 'model.safetensors')))
     transform = create_dataset_transform(reloaded, is_training=False)
@@ -405,3 +407,119 @@ def test_accelerate_launch_on_cpu_runs_two_ranks(tmp_path):
         env=_cli_env(), capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert json.loads((tmp_path / 'run' / 'results.json').read_text())['num_processes'] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the CLIs leave the allocator alone unless asked
+
+
+@pytest.mark.parametrize('value, tuned', [(None, False), ('0', False), ('yes', False), ('1', True)])
+def test_run_cli_tunes_the_allocator_only_when_opted_in(monkeypatch, value, tuned):
+    import pce_timm.runtime as runtime
+    from pce_timm.train.cli import run_cli
+
+    calls = []
+    monkeypatch.setattr(runtime, 'keep_freed_memory', lambda: calls.append(1) or True)
+    if value is None:
+        monkeypatch.delenv(runtime.ENV_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(runtime.ENV_SWITCH, value)
+    assert run_cli(lambda: None) == 0
+    assert calls == ([1] if tuned else [])
+    assert runtime.keep_freed_memory_if_enabled() is tuned
+
+
+def test_pce_layers_has_one_home_and_looks_through_wrappers(tmp_path):
+    from pce_timm import analysis, layers
+    from pce_timm.train import schedule
+
+    args = tiny_args(tmp_path)
+    model = timm.create_model(args.model.name, num_classes=10, in_chans=1, **model_kwargs(args.model))
+
+    class Wrapper(torch.nn.Module):  # what DDP / accelerate put around a model: the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert analysis.pce_layers is layers.pce_layers and schedule.pce_layers is layers.pce_layers
+    names = list(layers.pce_layers(model))
+    assert names == ['layer2.0.conv1', 'layer2.1.conv1', 'layer3.0.conv1', 'layer3.1.conv1']
+    wrapped = layers.pce_layers(Wrapper(model))
+    assert list(wrapped) == names and all(wrapped[n] is m for n, m in layers.pce_layers(model).items())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the typed config
+
+
+def test_every_flag_lives_in_exactly_one_config_section_and_round_trips(tmp_path):
+    import dataclasses
+
+    from pce_timm.train.config import SECTIONS, TrainConfig, build_parser, config_dict, save_config
+
+    cfg = tiny_args(tmp_path, '--lr', '0.01', '--opt-betas', '0.8', '0.9')
+    dests = {a.dest for a in build_parser()._actions if a.dest != 'help'}
+    assert set(cfg.flat()) == dests
+    fields = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert len(fields) == len(set(fields)), 'a field name in two sections would make the flat key ambiguous'
+    assert TrainConfig.from_flat(cfg.flat()) == cfg
+    saved = config_dict(cfg)
+    assert set(saved) == dests - {'config'} and list(saved) == sorted(saved)
+    save_config(cfg, tmp_path / 'saved')
+    again = parse_args(['--config', str(tmp_path / 'saved' / 'config.yaml')])
+    assert config_dict(again) == saved and again.optim.opt_betas == [0.8, 0.9]
+
+
+def test_config_sections_are_typed_frozen_and_read_flat(tmp_path):
+    import dataclasses
+
+    from pce_timm.train.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig
+
+    cfg = tiny_args(tmp_path, '--lr', '0.01')
+    assert isinstance(cfg.model, ModelConfig) and cfg.model.name == 'pce_resnet18' and cfg.model.pce_stages == [1, 2]
+    assert isinstance(cfg.optim, OptimConfig) and cfg.optim.lr == 0.01 and cfg.lr == 0.01
+    assert isinstance(cfg.data, DataConfig) and cfg.data.eval_batch_size == 64 and cfg.dataset == 'digits'
+    assert isinstance(cfg.schedule, ScheduleConfig) and [p.name for p in cfg.schedule.phases] == [
+        'stabilise', 'router', 'attention']
+    assert cfg.checkpoint.output_dir == str(tmp_path / 'run') and cfg.log.progress is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+    with pytest.raises(AttributeError, match='no_such_key'):
+        getattr(cfg, 'no_such_key')  # noqa: B009
+    changed = cfg.replace(pretrained=True, lr=0.5)
+    assert changed.model.pretrained and changed.optim.lr == 0.5 and not cfg.model.pretrained and cfg.optim.lr == 0.01
+    with pytest.raises(RecipeError, match='bogus'):
+        cfg.replace(bogus=1)
+
+
+def test_optimizer_and_criterion_take_their_sections(tmp_path):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from pce_timm.train.engine import create_mixup
+    from pce_timm.train.optim import create_optimizer
+
+    cfg = tiny_args(tmp_path, '--opt', 'sgd', '--lr', '0.02', '--momentum', '0.5', '--smoothing', '0.1')
+    model = timm.create_model(cfg.model.name, num_classes=10, in_chans=1, **model_kwargs(cfg.model))
+    optimizer = create_optimizer(cfg.optim, model)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults['momentum'] == 0.5
+    assert {(g['lr'], g['initial_lr']) for g in optimizer.param_groups} == {(0.02, 0.02)}
+    assert {g['group'] for g in optimizer.param_groups} == set(GROUPS)
+    assert create_mixup(cfg.augment, cfg.loss.smoothing, 10) is None
+    assert isinstance(Criterion(cfg.loss).ce, LabelSmoothingCrossEntropy)
+    mixing = tiny_args(tmp_path, '--mixup', '0.2')
+    mixup = create_mixup(mixing.augment, mixing.loss.smoothing, 10)
+    criterion = Criterion(mixing.loss, mixup)
+    assert criterion.mixup is mixup and mixup.mixup_alpha == 0.2 and isinstance(criterion.ce, SoftTargetCrossEntropy)
+
+
+def test_format_table_aligns_columns_and_checks_align():
+    from pce_timm.train.evaluation import format_table
+
+    text = format_table([['a', 1.5, None], ['long name', 12, [1, 2]]], ['layer', 'x', 'dead'], align='<>>')
+    assert text.split('\n') == ['layer          x  dead',
+                                '---------  -----  ----',
+                                'a          1.500   inf',
+                                'long name     12     2']
+    assert format_table([['a', 'b']], ['h1', 'h2']).split('\n')[2] == 'a   b '
+    with pytest.raises(ValueError, match='align'):
+        format_table([['a']], ['h'], align='<>')

@@ -11,7 +11,8 @@
 - :mod:`.analyze`: all of the above for a model and a data loader, in one pass.
 - :mod:`.surgery`: remove rarely used experts or duplicate busy ones, recorded so saved models rebuild.
 """
-from .analyze import analyze_model, pce_layers
+from ..layers import pce_layers  # the one lookup of a model's PCE layers (README: pce_timm.analysis.pce_layers)
+from .analyze import analyze_model
 from .figures import (
     expert_colors,
     plot_assignment_map,

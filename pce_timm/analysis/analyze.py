@@ -21,7 +21,7 @@ import torch.nn as nn
 from timm.data import resolve_data_config
 from tqdm import tqdm
 
-from ..layers import PCEConv2d
+from ..layers import PCEConv2d, pce_layers
 from .figures import (
     plot_assignment_overview,
     plot_class_usage,
@@ -43,12 +43,7 @@ from .routes import (
 )
 from .stats import RoutingAccumulator
 
-__all__ = ['analyze_model', 'pce_layers']
-
-
-def pce_layers(model: nn.Module) -> Dict[str, PCEConv2d]:
-    """Every PCE layer of a model by its module name, in forward order."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, PCEConv2d)}
+__all__ = ['analyze_model']
 
 
 class _LayerRecorder:

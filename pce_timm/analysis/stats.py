@@ -13,7 +13,6 @@ the expert that dominates a patch, and it is defined for soft and sparse routing
 ``expert_indices`` trust the "most probable first" order; those also given ``router_probs`` restore it with
 :func:`order_by_probability`, so soft routing that lists experts in index order is still analysed correctly.
 """
-import math
 from typing import Any, Dict, Optional, Sequence, Tuple, TypedDict
 
 import torch
@@ -26,7 +25,9 @@ from ..layers.routing_stats import (  # noqa: F401  (re-exported: the analysis A
     dead_experts,
     imbalance,
     mean_router_entropy,
+    normalize_entropy,
     order_by_probability,
+    router_entropy,
     top1_experts,
     usage_counts,
     usage_entropy,
@@ -133,7 +134,7 @@ def _summary(
     """The scalar summary shared by :func:`layer_summary` and :class:`RoutingAccumulator`."""
     num_experts = counts.numel()
     num_tokens = num_images * num_patches
-    router_entropy = entropy_sum / num_tokens
+    mean_entropy = entropy_sum / num_tokens
     return {
         'num_experts': num_experts,
         'top_k': top_k,
@@ -145,8 +146,8 @@ def _summary(
         'usage_counts_all': [int(c) for c in counts_all],
         'usage_entropy': usage_entropy(counts),
         'imbalance': imbalance(counts),
-        'mean_router_entropy': router_entropy,
-        'normalized_router_entropy': router_entropy / math.log(num_experts) if num_experts > 1 else 0.0,
+        'mean_router_entropy': mean_entropy,
+        'normalized_router_entropy': normalize_entropy(mean_entropy, num_experts),
         'mean_top_probability': top_prob_sum / num_tokens,
         'dead_experts': dead_experts(counts, dead_threshold),
         'dead_threshold': float(dead_threshold),
@@ -284,7 +285,7 @@ class RoutingAccumulator:
         self.position_counts += _position_counts(top1, e)
         if self.class_counts is not None:
             self.class_counts += _class_counts(top1, _check_labels(labels, b, self.num_classes), e, self.num_classes)
-        self.entropy_sum += float(torch.special.entr(router_probs.double()).sum())
+        self.entropy_sum += float(router_entropy(router_probs.double()).sum())
         self.top_prob_sum += float(_top_probability(router_probs, expert_indices).double().sum())
         self.num_images += b
         self.top_k = expert_indices.shape[-1]

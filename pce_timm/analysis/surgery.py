@@ -49,11 +49,10 @@ import torch
 import torch.nn as nn
 from timm.models._input import update_model_args
 
-from ..layers import PCEConv2d
+from ..layers import PCEConv2d, pce_layers
 from ..layers.routers import CosineRouter, MLPRouter, PositionalRouter, UniformRouter
 from ..layers.routing_stats import _check_counts
 from ..models.pce_resnet import PCEResNet
-from .analyze import pce_layers
 
 __all__ = [
     'prune_experts', 'reinforce_experts', 'collect_usage', 'usage_from_stats', 'expert_counts', 'evaluate_top1',
@@ -413,22 +412,22 @@ def usage_from_stats(stats: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Li
     return {name: list(summary['usage_counts']) for name, summary in layers.items()}
 
 
-@torch.no_grad()
 def evaluate_top1(model: nn.Module, loader: Iterable, num_images: Optional[int] = None) -> float:
-    """Top-1 accuracy in percent over ``loader``'s images (up to ``num_images``), in eval mode."""
+    """Top-1 accuracy in percent over ``loader``'s images (up to ``num_images``), in eval mode.
+
+    Counted by the package's one evaluator (:func:`pce_timm.train.engine.evaluate`), as training and
+    ``scripts/evaluate.py`` count it; the model's train / eval mode is restored afterwards.
+    """
+    from ..train.engine import evaluate  # on use: importing analysis does not load the training stack
+
     was_training = model.training
-    model.eval()
-    correct = total = 0
     try:
-        for images, labels in _limited_batches(loader, num_images):
-            logits = model(images.to(_device_of(model)))
-            correct += int((logits.argmax(-1).cpu() == labels).sum())
-            total += len(labels)
+        metrics = evaluate(model, loader, progress=False, max_images=num_images)
     finally:
         model.train(was_training)
-    if total == 0:
+    if metrics['num_samples'] == 0:
         raise ValueError('the loader gave no images to evaluate')
-    return 100.0 * correct / total
+    return metrics['top1']
 
 
 def evaluate_surgery(before: nn.Module, after: nn.Module, loader: Iterable,
@@ -449,13 +448,12 @@ def evaluate_surgery(before: nn.Module, after: nn.Module, loader: Iterable,
 
 def format_surgery_table(result: Mapping[str, Mapping[str, Any]]) -> str:
     """A plain-text before/after table of :func:`evaluate_surgery`'s result."""
+    from ..train.evaluation import format_table  # the package's one text table
+
     before, after = result['before'], result['after']
-    rows = [('top-1 (%)', f"{before['top1']:.2f}", f"{after['top1']:.2f}"),
-            ('params', f"{before['params']:,}", f"{after['params']:,}")]
-    rows += [(f'experts {name}', str(count), str(after['expert_counts'].get(name, '-')))
+    rows = [['top-1 (%)', f"{before['top1']:.2f}", f"{after['top1']:.2f}"],
+            ['params', f"{before['params']:,}", f"{after['params']:,}"]]
+    rows += [[f'experts {name}', str(count), str(after['expert_counts'].get(name, '-'))]
              for name, count in before['expert_counts'].items()]
-    width = max(len(row[0]) for row in rows)
-    lines = [f"{'':<{width}}  {'before':>12}  {'after':>12}"]
-    lines += [f'{label:<{width}}  {b:>12}  {a:>12}' for label, b, a in rows]
-    return '\n'.join(lines)
+    return format_table(rows, ['', 'before', 'after'], align='<>>')
 

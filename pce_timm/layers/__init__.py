@@ -3,6 +3,7 @@ from .attention import DeformableAttention2d
 from .dispatch import Routing, SlotDispatch, SoftDispatch, SortedDispatch, assign_slots, expert_capacity, route
 from .embed import PatchEmbedSPP
 from .experts import ConvExperts
+from .find import pce_layers
 from .losses import AuxLossWeights, collect_aux_loss, load_balance_loss, router_entropy_loss, router_z_loss
 from .patches import (
     PatchGeometry,

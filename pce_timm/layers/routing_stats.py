@@ -1,10 +1,15 @@
-"""Routing statistics primitives shared by the layer (``PCEConv2d.routing_stats``) and the analysis.
+"""Routing statistics: the one home of the formulas behind ``PCEConv2d.routing_stats``, the routing analysis
+(:mod:`pce_timm.analysis.stats`) and the training / evaluation metrics (:mod:`pce_timm.train.metrics`).
 
 Shape legend: b images, n patches, e experts, k top-k. ``expert_indices`` list each patch's chosen experts
 most probable first (for soft routing too), so ``expert_indices[..., 0]`` is the top-1 choice.
+
+In memory an expert that is never used makes :func:`imbalance` ``float('inf')``; JSON has no infinity, so the
+files written from these numbers (``stats.json``, ``results.json``) store it as ``null``, converted where
+they are written (:func:`json_number`).
 """
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -38,6 +43,15 @@ def _check_counts(counts: torch.Tensor) -> torch.Tensor:
 def top1_experts(expert_indices: torch.Tensor) -> torch.Tensor:
     """The most probable chosen expert of every patch: [b, n, k] -> [b, n]."""
     return expert_indices[..., 0]
+
+
+def layer_top1(router_logits: torch.Tensor, expert_indices: torch.Tensor, soft: bool) -> torch.Tensor:
+    """A layer's top-1 expert per patch [b, n] from its last forward: ``router_logits`` [b, n, e] and
+    ``expert_indices`` [b, n, k].
+
+    Soft routing takes the logits' argmax; sparse routing its first choice (the most probable one).
+    """
+    return router_logits.argmax(-1) if soft else top1_experts(expert_indices)
 
 
 def order_by_probability(router_probs: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
@@ -76,26 +90,49 @@ def usage_entropy(counts: torch.Tensor) -> float:
     return float(torch.special.entr(share).sum() / math.log(counts.numel()))
 
 
-def mean_router_entropy(router_probs: torch.Tensor, normalize: bool = False) -> float:
-    """Mean over patches of the router distribution's entropy (natural log), from [b, n, e] (or [..., e]).
+def router_entropy(router_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy (natural log) of every patch's router distribution: [..., e] -> [...], in the input's dtype.
 
-    0 = every patch is routed with certainty; log(e) (or 1 with ``normalize``) = uniform router. With
-    ``normalize`` and a single expert (log(1) = 0) the router has no choice to be uncertain about: 0.0.
+    0 = routed with certainty; log(e) = uniform. ``entr(0) = 0``, so experts of probability 0 add nothing.
+    """
+    return torch.special.entr(router_probs).sum(-1)
+
+
+def router_entropy_from_logits(router_logits: torch.Tensor) -> torch.Tensor:
+    """:func:`router_entropy` of ``softmax(router_logits)``: [..., e] -> [...], through ``log_softmax``.
+
+    For code that holds the logits (the training / evaluation metrics): ``log_softmax`` keeps the log of
+    tiny probabilities exact where ``log(softmax)`` would round them.
+    """
+    log_probs = router_logits.log_softmax(-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def normalize_entropy(entropy: float, num_experts: int) -> float:
+    """An entropy in nats over ``num_experts`` outcomes divided by log(e), in [0, 1].
+
+    A single expert (log(1) = 0) leaves no choice to be uncertain about: 0.0.
+    """
+    return entropy / math.log(num_experts) if num_experts > 1 else 0.0
+
+
+def mean_router_entropy(router_probs: torch.Tensor, normalize: bool = False) -> float:
+    """Mean over patches of :func:`router_entropy` (float64), from [b, n, e] (or [..., e]).
+
+    0 = every patch is routed with certainty; log(e) (or 1 with ``normalize``, see :func:`normalize_entropy`)
+    = uniform router.
     """
     if router_probs.dim() < 1 or router_probs.numel() == 0:
         raise ValueError(f'router_probs must be a non-empty [..., e] tensor, got shape {tuple(router_probs.shape)}')
-    num_experts = router_probs.shape[-1]
-    entropy = float(torch.special.entr(router_probs.double()).sum(-1).mean())
-    if not normalize:
-        return entropy
-    return entropy / math.log(num_experts) if num_experts > 1 else 0.0
+    entropy = float(router_entropy(router_probs.double()).mean())
+    return normalize_entropy(entropy, router_probs.shape[-1]) if normalize else entropy
 
 
 def imbalance(counts: torch.Tensor) -> float:
     """Busiest expert's count over the least used one's: 1 = balanced.
 
     Returns ``float('inf')`` when some expert is never used (its count is 0); such experts are also what
-    :func:`dead_experts` lists with the default threshold. Stored as ``null`` in ``stats.json``.
+    :func:`dead_experts` lists with the default threshold. Stored as ``null`` in JSON (:func:`json_number`).
     """
     counts = _check_counts(counts)
     least = counts.min()
@@ -108,3 +145,9 @@ def dead_experts(counts: torch.Tensor, threshold: float = 0.0) -> List[int]:
     counts = _check_counts(counts)
     share = counts / counts.sum()
     return [int(i) for i in torch.nonzero(share <= threshold).flatten()]
+
+
+def json_number(value: float) -> Optional[float]:
+    """``value``, or None for inf / nan: how the JSON files store a non-finite statistic (an infinite
+    :func:`imbalance`)."""
+    return value if math.isfinite(value) else None

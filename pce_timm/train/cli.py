@@ -1,5 +1,5 @@
 """What the scripts share: clear one-line errors instead of tracebacks for the user's mistakes, and the
-process-wide CPU allocator setting of :mod:`pce_timm.runtime`."""
+opt-in CPU allocator setting of :mod:`pce_timm.runtime` (off unless ``PCE_TIMM_MALLOC_TUNING=1``)."""
 import logging
 import sys
 from typing import Any, Callable, Sequence, Tuple, Type
@@ -7,10 +7,10 @@ from typing import Any, Callable, Sequence, Tuple, Type
 from pce_timm.data import DatasetNotFoundError
 from pce_timm.hub.offline import MissingWeightsError
 from pce_timm.hub.release import ReleaseError
-from pce_timm.runtime import keep_freed_memory
+from pce_timm.runtime import keep_freed_memory_if_enabled
 
 from .checkpoint import NonFiniteLossError
-from .config import RecipeError
+from .recipe import RecipeError
 
 __all__ = ['USER_ERRORS', 'run_cli']
 
@@ -26,10 +26,11 @@ def run_cli(main: Callable[[], Any], extra_errors: Sequence[Tuple[Tuple[Type[Bas
     """Run ``main``; print the errors of :data:`USER_ERRORS` (and a script's own ``extra_errors``, checked first)
     as ``error: ...`` and return their exit code, 0 when done.
 
-    Other exceptions keep their traceback (they are bugs, not user errors).
+    Other exceptions keep their traceback (they are bugs, not user errors). The process-wide allocator is
+    tuned only when the user opted in (:func:`pce_timm.runtime.keep_freed_memory_if_enabled`).
     """
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
-    keep_freed_memory()
+    keep_freed_memory_if_enabled()  # the allocator is left alone unless the user asked
     try:
         main()
     except Exception as e:

@@ -1,4 +1,6 @@
-"""A training loader whose order and augmentation are functions of (seed, epoch, sample) only.
+"""A run's data: the datasets and loaders of a :class:`~.config.DataConfig` (:func:`load_data`,
+:func:`build_loaders`), and a training loader whose order and augmentation are functions of (seed, epoch,
+sample) only.
 
 Why: accelerate's DataLoaderShard loads one batch ahead, so when a checkpoint is saved after batch k the next
 batch has already been augmented with the global RNG. Restoring that RNG state on resume would augment batch
@@ -13,16 +15,19 @@ The sampler encodes the epoch into the indices it yields (``epoch * n + i``), so
 the epoch without any cross-process state.
 """
 import random
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pce_timm.data import subset_indices
+from pce_timm.data import create_dataset_transform, create_loader, dataset_info, load_image_dataset, subset_indices
 
-__all__ = ['EpochSampler', 'SeededAugmentDataset', 'create_train_loader']
+from .config import AugmentConfig, DataConfig
+
+__all__ = ['EpochSampler', 'SeededAugmentDataset', 'create_train_loader', 'DataBundle', 'data_config', 'load_data',
+           'build_transforms', 'build_loaders']
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant: spreads (seed, epoch, index) over 63 bits
 
@@ -137,3 +142,75 @@ def create_train_loader(
     return DataLoader(images, batch_size=batch_size, sampler=EpochSampler(len(images), seed), drop_last=True,
                       num_workers=num_workers, persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
+
+
+class DataBundle:
+    """The datasets of a run and what models and transforms need to know about them."""
+
+    def __init__(self, data: DataConfig):
+        self.info = dataset_info(data.dataset)
+        self.in_chans = data.in_chans or self.info['in_chans']
+        size = data.img_size
+        self.img_size = (size, size) if size else tuple(self.info['img_size'])
+        self.train = None
+        self.eval = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.info['num_classes']
+
+
+def data_config(bundle: DataBundle, crop_pct: float) -> Dict[str, Any]:
+    """The preprocessing of a run as a timm data config (saved with the model's ``pretrained_cfg``)."""
+    return {'input_size': (bundle.in_chans, *bundle.img_size), 'mean': tuple(bundle.info['mean']),
+            'std': tuple(bundle.info['std']), 'crop_pct': crop_pct, 'interpolation': 'bicubic'}
+
+
+def load_data(data: DataConfig, splits: Iterable[str] = ('train', 'eval')) -> DataBundle:
+    """Load the run's splits; a missing or unreadable dataset raises the data package's error right here.
+
+    Raises:
+        pce_timm.data.DatasetNotFoundError: the split was not found or could not be read (the message lists
+            where it looked and how to provide the data).
+    """
+    bundle = DataBundle(data)
+    if 'train' in splits:
+        bundle.train = load_image_dataset(data.dataset, 'train', data.data_dir)
+    if 'eval' in splits:
+        bundle.eval = load_image_dataset(data.dataset, data.eval_split, data.data_dir)
+    return bundle
+
+
+def build_transforms(augment: AugmentConfig, bundle: DataBundle) -> Tuple[Callable, Callable]:
+    """The (train, eval) transforms: ``augment``'s augmentation for training, the plain resize / crop for eval."""
+    cfg = data_config(bundle, augment.crop_pct)
+    train_tf = create_dataset_transform(
+        cfg, is_training=True, in_chans=bundle.in_chans, no_aug=augment.no_aug, scale=tuple(augment.scale),
+        ratio=tuple(augment.ratio), hflip=augment.hflip, color_jitter=augment.color_jitter,
+        auto_augment=augment.aa, re_prob=augment.reprob, black_patches_prob=augment.black_patches_prob,
+        channel_boost_prob=augment.channel_boost_prob)
+    eval_tf = create_dataset_transform(cfg, is_training=False, in_chans=bundle.in_chans)
+    return train_tf, eval_tf
+
+
+def build_loaders(data: DataConfig, augment: AugmentConfig, bundle: DataBundle,
+                  seed: int) -> Dict[str, DataLoader]:
+    """Train loader (shuffled, seeded, full batches), eval loader, and a small loader for K-Means key init."""
+    train_tf, eval_tf = build_transforms(augment, bundle)
+    loaders = {}
+    if bundle.train is not None:
+        loaders['train'] = create_train_loader(bundle.train, train_tf, data.batch_size, seed=seed,
+                                               num_workers=data.workers, max_samples=data.max_train_samples,
+                                               isolate_numpy=bool(augment.aa))
+        loaders['train_sampler'] = loaders['train'].sampler
+        if len(loaders['train']) == 0:
+            raise ValueError(f'batch_size: {data.batch_size} is larger than the {len(loaders["train"].dataset)} '
+                             f'training samples; lower batch_size or raise max_train_samples')
+        loaders['key_init'] = create_loader(
+            bundle.train, eval_tf, batch_size=data.batch_size, shuffle=True, seed=seed + 1,
+            max_samples=data.max_train_samples)
+    if bundle.eval is not None:
+        loaders['eval'] = create_loader(
+            bundle.eval, eval_tf, batch_size=data.eval_batch_size, num_workers=data.workers, seed=seed,
+            max_samples=data.max_eval_samples)
+    return loaders

@@ -1,165 +1,31 @@
-"""Loop pieces: data and model setup, optimizer groups and schedule, one training epoch, evaluation.
+"""The loop: phases switching as training goes, the loss, one training epoch, and evaluation over a split.
 
-:mod:`.trainer` strings these together; :mod:`.evaluation` and the scripts reuse them.
+:mod:`.trainer` sets a run up (data from :mod:`.data`, model from :mod:`.models`, optimizer from :mod:`.optim`)
+and calls these; :mod:`.evaluation` reuses :func:`evaluate`.
 """
-import argparse
 import logging
-import math
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
-import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
-from pce_timm.data import create_dataset_transform, create_loader, dataset_info, load_image_dataset
-from pce_timm.layers import AuxLossWeights, collect_aux_loss
+from pce_timm.layers import AuxLossWeights, collect_aux_loss, pce_layers
 
 from .checkpoint import NonFiniteLossError
-from .config import model_kwargs
-from .data import create_train_loader
+from .config import AugmentConfig, LossConfig
 from .metrics import MetricMeter, routing_records, sample_records
-from .models import load_model, resolve_model_source
-from .schedule import Phase, apply_phase, ema_update_keys, param_groups, pce_layers, phase_at
+from .optim import set_lr
+from .router_keys import ema_update_keys
+from .schedule import Phase, apply_phase, phase_at
 
-__all__ = ['DataBundle', 'load_data', 'create_train_model', 'create_optimizer', 'create_scheduler', 'set_lr',
-           'PhaseController', 'train_one_epoch', 'evaluate', 'data_config']
+__all__ = ['PhaseController', 'Criterion', 'create_mixup', 'train_one_epoch', 'evaluate']
 
 _logger = logging.getLogger(__name__)
-
-
-class DataBundle:
-    """The datasets of a run and what models and transforms need to know about them."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.info = dataset_info(args.dataset)
-        self.in_chans = args.in_chans or self.info['in_chans']
-        size = args.img_size
-        self.img_size = (size, size) if size else tuple(self.info['img_size'])
-        self.train = None
-        self.eval = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.info['num_classes']
-
-
-def data_config(args: argparse.Namespace, data: DataBundle) -> Dict[str, Any]:
-    """The preprocessing of a run as a timm data config (saved with the model's ``pretrained_cfg``)."""
-    return {'input_size': (data.in_chans, *data.img_size), 'mean': tuple(data.info['mean']),
-            'std': tuple(data.info['std']), 'crop_pct': args.crop_pct, 'interpolation': 'bicubic'}
-
-
-def load_data(args: argparse.Namespace, splits: Iterable[str] = ('train', 'eval')) -> DataBundle:
-    """Load the run's splits; a missing or unreadable dataset raises the data package's error right here.
-
-    Raises:
-        pce_timm.data.DatasetNotFoundError: the split was not found or could not be read (the message lists
-            where it looked and how to provide the data).
-    """
-    data = DataBundle(args)
-    if 'train' in splits:
-        data.train = load_image_dataset(args.dataset, 'train', args.data_dir)
-    if 'eval' in splits:
-        data.eval = load_image_dataset(args.dataset, args.eval_split, args.data_dir)
-    return data
-
-
-def build_transforms(args: argparse.Namespace, data: DataBundle) -> Tuple[Callable, Callable]:
-    cfg = data_config(args, data)
-    train_tf = create_dataset_transform(
-        cfg, is_training=True, in_chans=data.in_chans, no_aug=args.no_aug, scale=tuple(args.scale),
-        ratio=tuple(args.ratio), hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        re_prob=args.reprob, black_patches_prob=args.black_patches_prob,
-        channel_boost_prob=args.channel_boost_prob)
-    eval_tf = create_dataset_transform(cfg, is_training=False, in_chans=data.in_chans)
-    return train_tf, eval_tf
-
-
-def build_loaders(args: argparse.Namespace, data: DataBundle) -> Dict[str, torch.utils.data.DataLoader]:
-    """Train loader (shuffled, seeded, full batches), eval loader, and a small loader for K-Means key init."""
-    train_tf, eval_tf = build_transforms(args, data)
-    loaders = {}
-    if data.train is not None:
-        loaders['train'] = create_train_loader(data.train, train_tf, args.batch_size, seed=args.seed,
-                                               num_workers=args.workers, max_samples=args.max_train_samples,
-                                               isolate_numpy=bool(args.aa))
-        loaders['train_sampler'] = loaders['train'].sampler
-        if len(loaders['train']) == 0:
-            raise ValueError(f'batch_size: {args.batch_size} is larger than the {len(loaders["train"].dataset)} '
-                             f'training samples; lower batch_size or raise max_train_samples')
-        loaders['key_init'] = create_loader(
-            data.train, eval_tf, batch_size=args.batch_size, shuffle=True, seed=args.seed + 1,
-            max_samples=args.max_train_samples)
-    if data.eval is not None:
-        loaders['eval'] = create_loader(
-            data.eval, eval_tf, batch_size=args.eval_batch_size, num_workers=args.workers, seed=args.seed,
-            max_samples=args.max_eval_samples)
-    return loaders
-
-
-def starts_from_trained(args: argparse.Namespace) -> bool:
-    """Whether the run starts from trained weights (``--pretrained`` or a folder / local-dir / hf-hub source)."""
-    return args.pretrained or resolve_model_source(args.model) != (args.model, None) or ':' in args.model
-
-
-def create_train_model(args: argparse.Namespace, data: DataBundle, **overrides: Any) -> nn.Module:
-    """The run's model with the dataset's classes and channels and the run's model kwargs.
-
-    A timm name is created with ``pretrained=args.pretrained``; trained sources (run / model / checkpoint
-    folders, ``local-dir:``, ``hf-hub:``) are loaded with :func:`.models.load_model`, which gives a new
-    classifier when the number of classes differs.
-    """
-    kwargs = dict(model_kwargs(args), num_classes=data.num_classes, in_chans=data.in_chans)
-    kwargs.update(overrides)
-    if starts_from_trained(args) and not args.pretrained:
-        return load_model(args.model, **kwargs)
-    return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-
-
-def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    """timm's optimizer over the five phase groups (see :func:`.schedule.param_groups`)."""
-    no_wd = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
-    groups = param_groups(model, args.weight_decay, no_wd)
-    kwargs = {}
-    if args.opt_eps is not None:
-        kwargs['eps'] = args.opt_eps
-    if args.opt_betas is not None:
-        kwargs['betas'] = tuple(args.opt_betas)
-    optimizer = create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, **kwargs)
-    for group in optimizer.param_groups:
-        group.setdefault('initial_lr', group['lr'])
-    return optimizer
-
-
-def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
-    """timm's scheduler (None for ``sched: none``); stepped per update or per epoch (``sched_on_updates``)."""
-    if args.sched == 'none':
-        return None
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, cooldown_epochs=args.cooldown_epochs,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
-    return scheduler
-
-
-def set_lr(scheduler, optimizer: torch.optim.Optimizer, epoch: int, update: int) -> None:
-    """Set every group's lr for this point of training: the schedule's value times the group's ``lr_scale``."""
-    if scheduler is None:
-        for group in optimizer.param_groups:
-            group['lr'] = group['initial_lr'] * group.get('lr_scale', 1.0)
-    elif scheduler.t_in_epochs:
-        scheduler.step(epoch)
-    else:
-        scheduler.step_update(update)
 
 
 class PhaseController:
@@ -189,21 +55,30 @@ class PhaseController:
         return phase, True
 
 
-class Criterion:
-    """CE (or soft-target CE with mixup, label-smoothing CE) + the weighted aux routing losses."""
+def create_mixup(augment: AugmentConfig, smoothing: float, num_classes: int) -> Optional[Mixup]:
+    """timm's mixup / cutmix with label smoothing when ``augment`` turns either on, else None."""
+    if not augment.mixes:
+        return None
+    return Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix, prob=augment.mixup_prob,
+                 switch_prob=augment.mixup_switch_prob, mode=augment.mixup_mode, label_smoothing=smoothing,
+                 num_classes=num_classes)
 
-    def __init__(self, args: argparse.Namespace, num_classes: int):
-        self.mixup = None
-        if args.mixup > 0 or args.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                               switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                               label_smoothing=args.smoothing, num_classes=num_classes)
+
+class Criterion:
+    """CE (soft-target CE under mixup, label-smoothing CE) + the weighted aux routing losses.
+
+    ``mixup`` (from :func:`create_mixup`) mixes a batch before the forward: ``x, y = criterion.mixup(x, y)``.
+    """
+
+    def __init__(self, loss: LossConfig, mixup: Optional[Mixup] = None):
+        self.mixup = mixup
+        if mixup is not None:
             self.ce = SoftTargetCrossEntropy()
-        elif args.smoothing > 0:
-            self.ce = LabelSmoothingCrossEntropy(args.smoothing)
+        elif loss.smoothing > 0:
+            self.ce = LabelSmoothingCrossEntropy(loss.smoothing)
         else:
             self.ce = nn.CrossEntropyLoss()
-        self.weights = AuxLossWeights(entropy=args.aux_entropy, balance=args.aux_balance, z_loss=args.aux_z_loss)
+        self.weights = AuxLossWeights(entropy=loss.aux_entropy, balance=loss.aux_balance, z_loss=loss.aux_z_loss)
 
     def __call__(self, model: nn.Module, logits: torch.Tensor, target: torch.Tensor):
         ce = self.ce(logits.float(), target)
@@ -235,7 +110,7 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
     EMA key updates (phases with EMA keys), the lr schedule, step logging and ``on_update(update)``
     (mid-epoch checkpoints).
     """
-    acc, model, state, args = ctx.accelerator, ctx.model, ctx.state, ctx.args
+    acc, model, state, cfg = ctx.accelerator, ctx.model, ctx.state, ctx.cfg
     loader = ctx.loaders['train']
     loader.set_epoch(epoch)
     ctx.loaders['train_sampler'].set_epoch(epoch)
@@ -248,8 +123,9 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
     phase, _ = ctx.phases.update(epoch + state.batch_in_epoch / num_batches)
     state.phase = phase.name
     set_lr(ctx.scheduler, ctx.optimizer, epoch, state.update)
-    bar = tqdm(loader, total=num_batches, initial=state.batch_in_epoch, desc=f'train {epoch + 1}/{args.epochs}',
-               disable=not (args.progress and acc.is_local_main_process), dynamic_ncols=True, leave=False)
+    bar = tqdm(loader, total=num_batches, initial=state.batch_in_epoch,
+               desc=f'train {epoch + 1}/{cfg.schedule.epochs}',
+               disable=not (cfg.log.progress and acc.is_local_main_process), dynamic_ncols=True, leave=False)
     for x, y in bar:
         phase, changed = ctx.phases.update(epoch + state.batch_in_epoch / num_batches)
         if changed:
@@ -262,8 +138,8 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
             loss, parts = ctx.criterion(model, logits, y)
             _check_finite(ctx, loss)
             acc.backward(loss)
-            if acc.sync_gradients and args.clip_grad:
-                acc.clip_grad_norm_(model.parameters(), args.clip_grad)
+            if acc.sync_gradients and cfg.optim.clip_grad:
+                acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
             ctx.optimizer.step()
             ctx.optimizer.zero_grad(set_to_none=True)
         state.batch_in_epoch += 1
@@ -275,7 +151,7 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
             if phase.ema_keys:
                 ema_update_keys(model, phase.ema_decay, gather=acc.gather if acc.num_processes > 1 else None)
             set_lr(ctx.scheduler, ctx.optimizer, epoch, state.update)
-            if state.update % args.log_interval == 0:
+            if state.update % cfg.log.log_interval == 0:
                 lr = max(g['lr'] for g in ctx.optimizer.param_groups)
                 acc.log({'train/loss': loss.item(), 'train/lr': lr, 'train/epoch': epoch + state.batch_in_epoch /
                          num_batches}, step=state.update)
@@ -294,31 +170,48 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
 def evaluate(
         model: nn.Module,
         loader: Iterable,
-        accelerator: Accelerator,
-        num_classes: int,
+        accelerator: Optional[Accelerator] = None,
+        num_classes: Optional[int] = None,
         progress: bool = True,
         desc: str = 'eval',
+        max_images: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Top-1, top-5 (top-min(5, classes)), mean CE and per-PCE-layer routing statistics over a whole split.
+    """Top-1, top-5 (top-min(5, classes)), mean CE and per-PCE-layer routing statistics over a split, in eval mode.
 
-    Per-sample records are gathered with ``gather_for_metrics``, so the numbers cover each sample exactly
-    once however many processes ran.
+    The one evaluator of the package: training, ``scripts/evaluate.py`` and expert surgery's before / after
+    comparison all count hits here. With an ``accelerator`` (a prepared model and loader) per-sample records are
+    gathered with ``gather_for_metrics``, so the numbers cover each sample exactly once however many processes
+    ran. Without one, batches go to the device of the model's parameters in this process, and ``max_images``
+    stops after that many images.
+
+    Args:
+        num_classes: for top-min(5, classes); default the logits' last dimension.
     """
+    if accelerator is not None and max_images is not None:
+        raise ValueError('max_images: limit the images with the loader when evaluating under an accelerator')
     model.eval()
     layers = pce_layers(model)
     meter = MetricMeter()
     start = time.time()
-    bar = tqdm(loader, desc=desc, disable=not (progress and accelerator.is_local_main_process),
-               dynamic_ncols=True, leave=False)
+    device = next(model.parameters()).device if accelerator is None else None
+    main = accelerator is None or accelerator.is_local_main_process
+    bar = tqdm(loader, desc=desc, disable=not (progress and main), dynamic_ncols=True, leave=False)
     for x, y in bar:
+        if accelerator is None:
+            if max_images is not None:
+                x, y = x[:max_images - meter.count], y[:max_images - meter.count]
+            if len(y) == 0:
+                break
+            x, y = x.to(device), y.to(device)
         logits = model(x)
-        record = {'samples': sample_records(logits, y, num_classes), 'routing': routing_records(layers)}
-        record = accelerator.gather_for_metrics(record)
+        record = {'samples': sample_records(logits, y, num_classes or logits.shape[-1]),
+                  'routing': routing_records(layers)}
+        if accelerator is not None:
+            record = accelerator.gather_for_metrics(record)
         meter.update(record['samples'], record['routing'])
+        if max_images is not None and meter.count >= max_images:
+            break
+    bar.close()
     metrics = meter.compute()
     metrics['eval_time_s'] = round(time.time() - start, 3)
     return metrics
-
-
-def updates_per_epoch(num_batches: int, grad_accum_steps: int) -> int:
-    return max(1, math.ceil(num_batches / grad_accum_steps))

@@ -94,11 +94,23 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: List[List[Any]], header: List[str]) -> str:
-    """A plain fixed-width text table."""
+def format_table(rows: List[List[Any]], header: List[str], align: Optional[str] = None) -> str:
+    """A plain fixed-width text table: the package's one (``report.md``'s markdown tables are in
+    :mod:`pce_timm.analysis.report`).
+
+    Args:
+        rows: cells per row; floats print with 3 decimals, None as 'inf' (an infinite imbalance), lists as
+            their length.
+        header: one name per column.
+        align: one of '<' (left) / '>' (right) per column; default all left.
+    """
+    align = align or '<' * len(header)
+    if len(align) != len(header) or set(align) - {'<', '>'}:
+        raise ValueError(f"align: got {align!r}; accepted: one '<' or '>' per column ({len(header)})")
     cells = [header] + [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines = ['  '.join(c.ljust(w) if a == '<' else c.rjust(w) for c, w, a in zip(row, widths, align, strict=True))
+             for row in cells]
     lines.insert(1, '  '.join('-' * w for w in widths))
     return '\n'.join(lines)
 

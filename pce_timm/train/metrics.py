@@ -6,13 +6,20 @@ split, and per PCE layer the top-1 expert counts (usage) and the mean router ent
 
 Shape legend: b batch, n patches, e experts.
 """
-import math
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from pce_timm.layers import PCEConv2d
+from pce_timm.layers.routing_stats import (
+    dead_experts,
+    imbalance,
+    json_number,
+    layer_top1,
+    router_entropy_from_logits,
+    usage_entropy,
+)
 
 __all__ = ['sample_records', 'routing_records', 'MetricMeter', 'summarize_usage']
 
@@ -34,34 +41,30 @@ def routing_records(layers: Dict[str, PCEConv2d]) -> Dict[str, Dict[str, torch.T
         if logits is None:
             continue
         logits = logits.detach().float()
-        first = logits.argmax(-1) if layer.soft else layer.last_expert_indices[..., 0]  # [b, n]
+        first = layer_top1(logits, layer.last_expert_indices, layer.soft)  # [b, n]
         counts = F.one_hot(first, layer.num_experts).sum(1).float()  # [b, e]
-        log_probs = logits.log_softmax(-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1).mean(1)  # [b]
-        records[name] = {'counts': counts, 'entropy': entropy}
+        records[name] = {'counts': counts, 'entropy': router_entropy_from_logits(logits).mean(1)}  # [b]
     return records
 
 
 def summarize_usage(counts: torch.Tensor, mean_entropy: float) -> Dict[str, Any]:
-    """Statistics of one layer from its total top-1 counts [e].
+    """Statistics of one layer from its total top-1 counts [e], as ``results.json`` stores them.
 
     Returns:
         ``usage_entropy`` (entropy of the usage shares / log e: 1 = perfectly even), ``imbalance`` (most / least
         used expert; ``None`` when an expert is unused, since JSON has no infinity), ``dead_experts`` (indices of
         unused experts), ``mean_router_entropy`` (mean per-patch entropy of the routing distribution, nats),
-        ``usage_share`` (fraction of patches per expert) and ``usage_counts``.
+        ``usage_share`` (fraction of patches per expert) and ``usage_counts``. The formulas are those of
+        :mod:`pce_timm.layers.routing_stats`.
     """
     counts = counts.double()
-    e = counts.numel()
     share = counts / counts.sum().clamp(min=1)
-    entropy = float(-(share * share.clamp(min=1e-12).log()).sum())
-    usage_entropy = entropy / math.log(e) if e > 1 else 1.0
-    least = float(counts.min())
+    ratio = json_number(imbalance(counts))
     return {
-        'usage_entropy': round(usage_entropy, 6),
-        'imbalance': round(float(counts.max()) / least, 6) if least > 0 else None,
+        'usage_entropy': round(usage_entropy(counts), 6),
+        'imbalance': None if ratio is None else round(ratio, 6),
         'mean_router_entropy': round(mean_entropy, 6),
-        'dead_experts': [i for i, c in enumerate(counts.tolist()) if c == 0],
+        'dead_experts': dead_experts(counts),
         'usage_share': [round(s, 6) for s in share.tolist()],
         'usage_counts': [int(c) for c in counts.tolist()],
     }

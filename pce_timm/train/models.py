@@ -14,10 +14,13 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import timm
 import torch.nn as nn
 
-from .config import CONFIG_FILE, model_kwargs, parse_args
-from .schedule import pce_layers
+from pce_timm.layers import pce_layers
 
-__all__ = ['resolve_model_source', 'load_model', 'freeze_parts', 'FREEZE_CHOICES']
+from .config import ModelConfig, model_kwargs, parse_args
+from .recipe import CONFIG_FILE
+
+__all__ = ['resolve_model_source', 'load_model', 'starts_from_trained', 'create_train_model', 'freeze_parts',
+           'FREEZE_CHOICES']
 
 FREEZE_CHOICES = ('experts', 'router', 'backbone')
 
@@ -47,10 +50,11 @@ def _load_checkpoint_model(checkpoint: Path, **overrides: Any) -> nn.Module:
 
     from pce_timm.data import dataset_info
 
-    args = parse_args(['--config', str(checkpoint.parent.parent / CONFIG_FILE), '--progress', 'false'])
-    info = dataset_info(args.dataset)
-    kwargs = dict(model_kwargs(args), num_classes=info['num_classes'], in_chans=args.in_chans or info['in_chans'])
-    model = timm.create_model(args.model, pretrained=False, **kwargs)
+    cfg = parse_args(['--config', str(checkpoint.parent.parent / CONFIG_FILE), '--progress', 'false'])
+    info = dataset_info(cfg.data.dataset)
+    kwargs = dict(model_kwargs(cfg.model), num_classes=info['num_classes'],
+                  in_chans=cfg.data.in_chans or info['in_chans'])
+    model = timm.create_model(cfg.model.name, pretrained=False, **kwargs)
     model.load_state_dict(load_file(str(checkpoint / 'model.safetensors')))
     num_classes = overrides.get('num_classes')
     if num_classes is not None and num_classes != model.num_classes:
@@ -68,6 +72,25 @@ def load_model(source: str, **kwargs: Any) -> nn.Module:
     if checkpoint is not None:
         return _load_checkpoint_model(checkpoint, **kwargs)
     return timm.create_model(name, pretrained=True, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def starts_from_trained(model: ModelConfig) -> bool:
+    """Whether the run starts from trained weights (``--pretrained`` or a folder / local-dir / hf-hub source)."""
+    return model.pretrained or resolve_model_source(model.name) != (model.name, None) or ':' in model.name
+
+
+def create_train_model(model: ModelConfig, num_classes: int, in_chans: int, **overrides: Any) -> nn.Module:
+    """The run's model with the dataset's classes and channels and ``model``'s kwargs.
+
+    A timm name is created with ``pretrained=model.pretrained``; trained sources (run / model / checkpoint
+    folders, ``local-dir:``, ``hf-hub:``) are loaded with :func:`load_model`, which gives a new classifier when
+    the number of classes differs.
+    """
+    kwargs = dict(model_kwargs(model), num_classes=num_classes, in_chans=in_chans)
+    kwargs.update(overrides)
+    if starts_from_trained(model) and not model.pretrained:
+        return load_model(model.name, **kwargs)
+    return timm.create_model(model.name, pretrained=model.pretrained, **kwargs)
 
 
 def _classifier_names(model: nn.Module) -> List[str]:

@@ -10,7 +10,7 @@ the rest)::
       - {name: router, epochs: 3, routing: router, keys: learnable, gumbel_tau: 0.5}
       - {name: attention, routing: router, attention: true}
 
-The model's parameters fall into five optimizer groups (:func:`param_groups`): ``experts`` (the expert convs
+The model's parameters fall into five optimizer groups (:func:`.optim.param_groups`): ``experts`` (the expert convs
 and the mixing conv of every PCE layer), ``router`` (router parameters: cosine keys or the MLP), ``embed``
 (the patch embedding that feeds the router), ``attention`` (the deformable-attention modules) and ``rest``
 (stem, dense convs, norms, head). A frozen group keeps its parameters *unchanged*: its ``lr_scale`` is 0, so
@@ -33,19 +33,19 @@ instead of by gradients; the same as ``routing: router, keys: ema``). ``keys``: 
 """
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from pce_timm.layers import CosineRouter, PCEConv2d
+from pce_timm.layers import CosineRouter, pce_layers
 
 __all__ = [
-    'GROUPS', 'ROUTING', 'KEYS', 'Phase', 'parse_phases', 'phase_at', 'param_groups', 'apply_phase',
-    'pce_layers', 'ema_update_keys', 'needs_unused_parameters', 'init_router_keys',
+    'GROUPS', 'ROUTING', 'KEYS', 'Phase', 'parse_phases', 'phase_at', 'apply_phase', 'needs_unused_parameters',
+    'check_phases_fit_model',
 ]
 
-GROUPS = ('experts', 'router', 'embed', 'attention', 'rest')
+GROUPS = ('experts', 'router', 'embed', 'attention', 'rest')  # optimizer groups (.optim.param_groups)
 ROUTING = ('router', 'positional', 'uniform', 'ema')
 KEYS = ('learnable', 'ema', 'frozen')
 _PHASE_KEYS = ('name', 'epochs', 'routing', 'keys', 'gumbel_tau', 'noise', 'attention', 'ema_decay', 'train')
@@ -179,52 +179,6 @@ def phase_at(phases: Sequence[Phase], progress: float) -> Phase:
     return phases[-1]
 
 
-def pce_layers(model: nn.Module) -> Dict[str, PCEConv2d]:
-    """Every PCE layer of a model by qualified name (wrappers such as DDP's ``module.`` prefix removed)."""
-    model = getattr(model, 'module', model)
-    return {name: m for name, m in model.named_modules() if isinstance(m, PCEConv2d)}
-
-
-def _group_of(name: str, layers: Dict[str, PCEConv2d]) -> str:
-    for layer_name in layers:
-        prefix = f'{layer_name}.' if layer_name else ''
-        if name.startswith(prefix):
-            part = name[len(prefix):].split('.', 1)[0]
-            if part in ('experts', 'mix'):
-                return 'experts'
-            if part in ('router', 'embed'):
-                return part
-            if part == 'attn':
-                return 'attention'
-    return 'rest'
-
-
-def param_groups(model: nn.Module, weight_decay: float, no_weight_decay: Iterable[str] = ()) -> List[Dict[str, Any]]:
-    """Optimizer parameter groups: the five :data:`GROUPS`, each split into decay / no-decay like timm.
-
-    Biases, norm parameters, other 1-d parameters, cosine-router keys (they are normalised in the forward,
-    so decay would only raise their effective lr) and names in ``no_weight_decay`` get no weight decay.
-    Each group carries ``group`` (its name) and ``lr_scale`` (set per phase by :func:`apply_phase`).
-    """
-    layers = pce_layers(model)
-    skip = set(no_weight_decay)
-    buckets: Dict[Tuple[str, bool], List[torch.Tensor]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        group = _group_of(name, layers)
-        no_decay = param.ndim <= 1 or name.endswith('.bias') or name in skip or name.endswith('router.keys')
-        buckets.setdefault((group, no_decay), []).append(param)
-    groups = []
-    for group in GROUPS:
-        for no_decay in (False, True):
-            params = buckets.get((group, no_decay))
-            if params:
-                groups.append({'params': params, 'weight_decay': 0.0 if no_decay else weight_decay,
-                               'group': group, 'lr_scale': 1.0})
-    return groups
-
-
 def needs_unused_parameters(phases: Sequence[Phase]) -> bool:
     """Whether DDP must look for unused parameters: some phase routes without the router (positional/uniform)."""
     return any(phase.routing in ('positional', 'uniform') for phase in phases)
@@ -234,7 +188,7 @@ def apply_phase(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ph
     """Switch every PCE layer to the phase's routing / Gumbel / noise / attention and set the groups' lr scales.
 
     The lr scales take effect at the scheduler's next ``step``/``step_update`` (or call
-    :func:`refresh_lr` directly).
+    :func:`.optim.set_lr` directly).
     """
     for layer in pce_layers(model).values():
         layer.set_routing_mode('router' if phase.routing == 'ema' else phase.routing)
@@ -263,68 +217,3 @@ def check_phases_fit_model(phases: Sequence[Phase], model: nn.Module) -> None:
             raise ValueError(f'phases[{i}] ({phase.name}): EMA key updates need a cosine router, but the model '
                              f'routes with {", ".join(routers)}; use routing: positional/uniform/router, or '
                              f'--router cosine')
-
-
-def _first_choices(layer: PCEConv2d) -> torch.Tensor:
-    if layer.soft:
-        return layer.last_router_logits.argmax(-1)
-    return layer.last_expert_indices[..., 0]
-
-
-@torch.no_grad()
-def ema_update_keys(model: nn.Module, decay: float, gather=None) -> int:
-    """Move every cosine router's keys towards the embeddings routed to them in the last forward.
-
-    Call after the optimizer step. ``gather`` (e.g. ``accelerator.gather``) collects embeddings and choices
-    from every process first, so all replicas apply the same update and stay identical.
-
-    Returns:
-        The number of layers updated.
-    """
-    count = 0
-    for layer in pce_layers(model).values():
-        if not isinstance(layer.router, CosineRouter) or layer.last_embeddings is None:
-            continue
-        embeddings = layer.last_embeddings.detach().float()
-        choices = _first_choices(layer).detach()
-        if gather is not None:
-            embeddings, choices = gather(embeddings.contiguous()), gather(choices.contiguous())
-        layer.router.ema_update(embeddings.reshape(-1, embeddings.shape[-1]), choices.reshape(-1), decay)
-        count += 1
-    return count
-
-
-@torch.no_grad()
-def init_router_keys(model: nn.Module, batches: Iterable[torch.Tensor], seed: int = 0) -> Dict[str, int]:
-    """Fit every cosine router's keys by K-Means over patch embeddings of real images.
-
-    The model runs in eval mode on ``batches`` (input tensors); each PCE layer's ``last_embeddings`` are
-    collected and passed to ``router.init_keys``. Deterministic for fixed batches and seed, so every process
-    computing it on the same batches gets the same keys.
-
-    Returns:
-        Layer name -> number of embeddings the keys were fitted to.
-    """
-    layers = {n: m for n, m in pce_layers(model).items() if isinstance(m.router, CosineRouter)}
-    if not layers:
-        return {}
-    collected: Dict[str, List[torch.Tensor]] = {name: [] for name in layers}
-    was_training = model.training
-    modes = {name: layer.routing_mode for name, layer in layers.items()}
-    model.eval()
-    try:
-        for x in batches:
-            model(x)
-            for name, layer in layers.items():
-                emb = layer.last_embeddings
-                collected[name].append(emb.reshape(-1, emb.shape[-1]).float().cpu())
-    finally:
-        model.train(was_training)
-        for name, layer in layers.items():
-            layer.set_routing_mode(modes[name])
-    fitted = {}
-    for i, (name, layer) in enumerate(layers.items()):
-        embeddings = torch.cat(collected[name])
-        layer.router.init_keys(embeddings, seed=seed + i)
-        fitted[name] = embeddings.shape[0]
-    return fitted

@@ -1,4 +1,4 @@
-"""``train(args)``: one accelerate training run, from a parsed config to a run folder.
+"""``train(cfg)``: one accelerate training run, from a :class:`~.config.TrainConfig` to a run folder.
 
 Order of events: resolve the resume point and load the data (a missing dataset fails here, before anything is
 built), build the accelerator, model, optimizer and loaders, fit the cosine keys by K-Means (fresh runs),
@@ -6,7 +6,6 @@ built), build the accelerator, model, optimizer and loaders, fit the cosine keys
 evaluate, log, checkpoint. Finally the model is exported to ``<output_dir>/model`` and ``results.json``
 written. See :mod:`.checkpoint` for the folder layout.
 """
-import argparse
 import logging
 import os
 import platform
@@ -21,7 +20,6 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-from tqdm.auto import tqdm
 
 import pce_timm
 
@@ -33,28 +31,18 @@ from .checkpoint import (
     save_model_dir,
     write_json_atomic,
 )
-from .config import RecipeError, config_dict, flat_hparams, save_config
-from .engine import (
-    Criterion,
-    DataBundle,
-    PhaseController,
-    build_loaders,
-    create_optimizer,
-    create_scheduler,
-    create_train_model,
-    data_config,
-    evaluate,
-    load_data,
-    starts_from_trained,
-    train_one_epoch,
-    updates_per_epoch,
-)
+from .config import TrainConfig, config_dict, flat_hparams, save_config
+from .data import DataBundle, build_loaders, data_config, load_data
+from .engine import Criterion, PhaseController, create_mixup, evaluate, train_one_epoch
 from .metrics import routing_summary
-from .models import freeze_parts
-from .schedule import check_phases_fit_model, init_router_keys, needs_unused_parameters, pce_layers
+from .models import create_train_model, freeze_parts, starts_from_trained
+from .optim import create_optimizer, create_scheduler, updates_per_epoch
+from .recipe import RecipeError
+from .router_keys import fit_router_keys
+from .schedule import check_phases_fit_model, needs_unused_parameters
 from .trackers import build_trackers
 
-__all__ = ['train', 'RunContext', 'build_accelerator', 'fit_router_keys', 'export_model', 'RESULTS_FILE']
+__all__ = ['train', 'RunContext', 'build_accelerator', 'export_model', 'RESULTS_FILE']
 
 _logger = logging.getLogger(__name__)
 RESULTS_FILE = 'results.json'
@@ -63,7 +51,7 @@ RESULTS_FILE = 'results.json'
 @dataclass
 class RunContext:
     """Everything the loop pieces share during one run."""
-    args: argparse.Namespace
+    cfg: TrainConfig
     accelerator: Accelerator
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -77,7 +65,7 @@ class RunContext:
     frozen_norms: Tuple[nn.Module, ...] = ()
 
 
-def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
+def build_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
     """Accelerator with automatic checkpoint naming, trackers and DDP's unused-parameter search.
 
     ``find_unused_parameters`` is on only when a phase routes without the router (positional / uniform):
@@ -85,17 +73,17 @@ def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator
     "Expected to have finished reduction in the prior iteration".
     """
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / 'logs'),
-                                   automatic_checkpoint_naming=True, total_limit=args.checkpoint_limit)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=needs_unused_parameters(args.phases))
+                                   automatic_checkpoint_naming=True, total_limit=cfg.checkpoint.checkpoint_limit)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=needs_unused_parameters(cfg.schedule.phases))
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     # `accelerate launch --multi_gpu` / torchrun on a machine without an accelerator: accelerate would give every
     # process a 1-process state of its own (N independent runs writing one folder); cpu=True joins them (gloo).
     cpu_ranks = world_size > 1 and not torch.accelerator.is_available()
     accelerator = Accelerator(
         cpu=cpu_ranks,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum_steps,
-        log_with=build_trackers(args.log_with or [], output_dir / 'logs', output_dir.name) or None,
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+        log_with=build_trackers(cfg.log.log_with or [], output_dir / 'logs', output_dir.name) or None,
         project_config=project,
         kwargs_handlers=[ddp],
     )
@@ -106,25 +94,12 @@ def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator
     return accelerator
 
 
-def fit_router_keys(model: nn.Module, loader, num_batches: int, seed: int, device, progress: bool) -> Dict[str, int]:
-    """K-Means-initialise cosine-router keys from ``num_batches`` real training batches (same on every rank)."""
-    if not any(hasattr(m.router, 'init_keys') for m in pce_layers(model).values()):
-        return {}
-    batches = []
-    for i, (x, _) in enumerate(tqdm(loader, total=min(num_batches, len(loader)), desc='key init (K-Means)',
-                                    disable=not progress, leave=False)):
-        if i >= num_batches:
-            break
-        batches.append(x.to(device))
-    return init_router_keys(model, batches, seed=seed)
-
-
 def export_model(ctx: RunContext, model_dir: Path) -> None:
     """Save the final weights + config in timm's Hub format (atomically, on the main process)."""
     acc = ctx.accelerator
     state_dict = acc.get_state_dict(ctx.model)
     if acc.is_main_process:
-        save_model_dir(acc.unwrap_model(ctx.model), model_dir, data_config(ctx.args, ctx.data),
+        save_model_dir(acc.unwrap_model(ctx.model), model_dir, data_config(ctx.data, ctx.cfg.augment.crop_pct),
                        ctx.data.info.get('class_names'), state_dict=state_dict)
     acc.wait_for_everyone()
 
@@ -135,38 +110,44 @@ def _check_output_dir(output_dir: Path, resume_from: Optional[Path]) -> None:
                           f'--resume auto to continue it, or choose another --output-dir')
 
 
-ModelFn = Callable[[argparse.Namespace, DataBundle], Tuple[nn.Module, List[nn.Module]]]
+ModelFn = Callable[[TrainConfig, DataBundle], Tuple[nn.Module, List[nn.Module]]]
 
 
-def _setup(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> RunContext:
-    output_dir = Path(args.output_dir)
-    resume_from = resolve_resume(args.resume, output_dir)
+def _setup(cfg: TrainConfig, model_fn: Optional[ModelFn] = None) -> RunContext:
+    output_dir = Path(cfg.checkpoint.output_dir)
+    resume_from = resolve_resume(cfg.checkpoint.resume, output_dir)
     _check_output_dir(output_dir, resume_from)
-    data = load_data(args)  # a missing / unreadable dataset stops here, before anything is built
-    accelerator = build_accelerator(args, output_dir)
-    if accelerator.distributed_type == DistributedType.FSDP and any(p.ema_keys for p in args.phases):
+    data = load_data(cfg.data)  # a missing / unreadable dataset stops here, before anything is built
+    accelerator = build_accelerator(cfg, output_dir)
+    phases = cfg.schedule.phases
+    if accelerator.distributed_type == DistributedType.FSDP and any(p.ema_keys for p in phases):
         raise RecipeError('phases: EMA key updates (routing: ema / keys: ema) are not supported under FSDP (the '
                           'keys are sharded); accepted under FSDP: routing positional, uniform or router with '
                           'keys learnable / frozen')
-    set_seed(args.seed)
-    model, frozen_norms = model_fn(args, data) if model_fn else (create_train_model(args, data), [])
-    frozen_norms = list(frozen_norms) + freeze_parts(model, args.freeze or [])
-    check_phases_fit_model(args.phases, model)
-    loaders = build_loaders(args, data)
+    set_seed(cfg.seed)
+    if model_fn:
+        model, frozen_norms = model_fn(cfg, data)
+    else:
+        model, frozen_norms = create_train_model(cfg.model, data.num_classes, data.in_chans), []
+    frozen_norms = list(frozen_norms) + freeze_parts(model, cfg.model.freeze or [])
+    check_phases_fit_model(phases, model)
+    loaders = build_loaders(cfg.data, cfg.augment, data, cfg.seed)
     state = TrainerState()
     model.to(accelerator.device)
-    if resume_from is None and args.key_init == 'kmeans' and not starts_from_trained(args):
-        fitted = fit_router_keys(model, loaders['key_init'], args.key_init_batches, args.seed, accelerator.device,
-                                 args.progress and accelerator.is_local_main_process)
+    if resume_from is None and cfg.model.key_init == 'kmeans' and not starts_from_trained(cfg.model):
+        fitted = fit_router_keys(model, loaders['key_init'], cfg.model.key_init_batches, cfg.seed,
+                                 accelerator.device, cfg.log.progress and accelerator.is_local_main_process)
         state.keys_initialised = bool(fitted)
-    optimizer = create_optimizer(args, model)
+    optimizer = create_optimizer(cfg.optim, model)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
         model, optimizer, loaders['train'], loaders['eval'])
-    scheduler = create_scheduler(args, optimizer, updates_per_epoch(len(train_loader), args.grad_accum_steps))
+    scheduler = create_scheduler(cfg.schedule, optimizer,
+                                 updates_per_epoch(len(train_loader), cfg.optim.grad_accum_steps))
     loaders.update(train=train_loader, eval=eval_loader)
     accelerator.register_for_checkpointing(state)
-    ctx = RunContext(args, accelerator, model, optimizer, scheduler, loaders, Criterion(args, data.num_classes),
-                     PhaseController(accelerator.unwrap_model(model), optimizer, tuple(args.phases)), state, data,
+    criterion = Criterion(cfg.loss, create_mixup(cfg.augment, cfg.loss.smoothing, data.num_classes))
+    ctx = RunContext(cfg, accelerator, model, optimizer, scheduler, loaders, criterion,
+                     PhaseController(accelerator.unwrap_model(model), optimizer, tuple(phases)), state, data,
                      frozen_norms=tuple(frozen_norms))
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
@@ -177,7 +158,7 @@ def _setup(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> RunC
         accelerator.print(f'resumed from {resume_from}: epoch {state.epoch}, batch {state.batch_in_epoch}, '
                           f'update {state.update}')
     else:
-        set_seed(args.seed, device_specific=True)  # different augmentation per rank
+        set_seed(cfg.seed, device_specific=True)  # different augmentation per rank
     return ctx
 
 
@@ -218,15 +199,15 @@ def _epoch_record(ctx: RunContext, epoch: int, losses: Dict[str, float], metrics
     summary = routing_summary(metrics['routing'])
     routing = (f", usage entropy {summary['mean_usage_entropy']:.3f}, dead experts {summary['dead_experts']}"
                if summary else '')
-    ctx.accelerator.print(f"epoch {epoch + 1}/{ctx.args.epochs} [{state.phase}] train loss {entry['train_loss']:.4f}"
-                          f", eval loss {metrics['loss']:.4f}, top-1 {metrics['top1']:.2f}, "
-                          f"top-5 {metrics['top5']:.2f}{routing} ({epoch_time:.1f}s)")
+    ctx.accelerator.print(f"epoch {epoch + 1}/{ctx.cfg.schedule.epochs} [{state.phase}] "
+                          f"train loss {entry['train_loss']:.4f}, eval loss {metrics['loss']:.4f}, "
+                          f"top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}{routing} ({epoch_time:.1f}s)")
 
 
-def train(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> Dict[str, Any]:
-    """Run (or resume) training as configured by ``args`` (see :func:`.config.parse_args`).
+def train(cfg: TrainConfig, model_fn: Optional[ModelFn] = None) -> Dict[str, Any]:
+    """Run (or resume) training as configured by ``cfg`` (see :func:`.config.parse_args`).
 
-    ``model_fn(args, data) -> (model, frozen_norms)`` replaces ``timm.create_model`` (fine-tuning uses it);
+    ``model_fn(cfg, data) -> (model, frozen_norms)`` replaces ``timm.create_model`` (fine-tuning uses it);
     ``frozen_norms`` are norm layers kept in eval mode while training.
 
     Returns:
@@ -238,12 +219,13 @@ def train(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> Dict[
         NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept and named.
     """
     started = time.time()
-    ctx = _setup(args, model_fn)
+    ctx = _setup(cfg, model_fn)
     acc, state = ctx.accelerator, ctx.state
-    output_dir = Path(args.output_dir)
+    epochs = cfg.schedule.epochs
+    output_dir = Path(cfg.checkpoint.output_dir)
     if acc.is_main_process:
-        save_config(args, output_dir)
-    config = config_dict(args)
+        save_config(cfg, output_dir)
+    config = config_dict(cfg)
     acc.init_trackers(output_dir.name, config=flat_hparams(config))
     session_start, base_elapsed = time.time(), state.elapsed
 
@@ -251,19 +233,19 @@ def train(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> Dict[
         return base_elapsed + time.time() - session_start
 
     def on_update(update: int) -> None:
-        steps = args.checkpoint_steps
+        steps = cfg.checkpoint.checkpoint_steps
         if steps and update % steps == 0 and state.batch_in_epoch < len(ctx.loaders['train']):
             _save_checkpoint(ctx, elapsed())
 
     try:
-        for epoch in range(state.epoch, args.epochs):
+        for epoch in range(state.epoch, epochs):
             state.epoch = epoch
             epoch_start = time.time()
             losses = train_one_epoch(ctx, epoch, on_update)
-            metrics = evaluate(ctx.model, ctx.loaders['eval'], acc, ctx.data.num_classes, args.progress,
-                               desc=f'eval {epoch + 1}/{args.epochs}')
+            metrics = evaluate(ctx.model, ctx.loaders['eval'], acc, ctx.data.num_classes, cfg.log.progress,
+                               desc=f'eval {epoch + 1}/{epochs}')
             _epoch_record(ctx, epoch, losses, metrics, time.time() - epoch_start)
-            if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs:
+            if (epoch + 1) % cfg.checkpoint.checkpoint_every == 0 or epoch + 1 == epochs:
                 _save_checkpoint(ctx, elapsed())
         export_model(ctx, output_dir / 'model')
         results = _results(ctx, elapsed(), time.time() - started, config)
@@ -277,15 +259,15 @@ def train(args: argparse.Namespace, model_fn: Optional[ModelFn] = None) -> Dict[
 
 
 def _results(ctx: RunContext, wall_time: float, session_time: float, config: Dict[str, Any]) -> Dict[str, Any]:
-    state, args = ctx.state, ctx.args
+    state, cfg = ctx.state, ctx.cfg
     final = state.history[-1] if state.history else {}
     last_routing = state.routing_history[-1]['layers'] if state.routing_history else {}
     model = ctx.accelerator.unwrap_model(ctx.model)
     return {
         'status': 'completed',
-        'model': args.model,
+        'model': cfg.model.name,
         'dataset': ctx.data.info['name'],
-        'eval_split': args.eval_split,
+        'eval_split': cfg.data.eval_split,
         'top1': final.get('top1'),
         'top5': final.get('top5'),
         'loss': final.get('eval_loss'),

@@ -1,0 +1,318 @@
+"""Recipes and flags: one argparse parser whose defaults a YAML recipe sets (timm ``train.py``'s trick), checked
+into a flat namespace of recipe keys. :mod:`.config` turns that into the typed :class:`~.config.TrainConfig`.
+
+Precedence, lowest to highest: the parser's defaults, the saved ``config.yaml`` of a run being resumed, the
+``--config`` recipe, the command line. Recipe keys are the parser's ``dest`` names (``batch_size``, not
+``--batch-size``); the one key without a flag is ``phases`` (see :mod:`.schedule`). Values from a recipe are
+checked like command-line values: unknown keys, wrong types, values outside ``choices`` and out-of-range
+numbers raise :class:`RecipeError` naming the key, the value and what is accepted.
+"""
+import argparse
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+from .schedule import parse_phases
+
+__all__ = ['RecipeError', 'CONFIG_FILE', 'MIXED_PRECISION', 'TRACKERS', 'build_parser', 'load_recipe',
+           'parse_namespace', 'validate_args']
+
+CONFIG_FILE = 'config.yaml'
+MIXED_PRECISION = ('no', 'fp16', 'bf16')
+TRACKERS = ('csv', 'tensorboard', 'wandb', 'mlflow', 'aim', 'comet_ml', 'clearml', 'dvclive', 'swanlab', 'trackio')
+
+
+class RecipeError(ValueError):
+    """A recipe or command-line value is unknown, of the wrong type or out of range."""
+
+
+def _top_k(value: str) -> Any:
+    """``--top-k``: an int k (sparse, k experts per patch) or 'soft' (all experts, weighted)."""
+    if isinstance(value, str) and value.strip().lower() in ('soft', 'none', 'all'):
+        return 'soft'
+    return int(value)
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ('1', 'true', 'yes', 'on'):
+        return True
+    if text in ('0', 'false', 'no', 'off'):
+        return False
+    raise ValueError(f'expected a boolean (true/false), got {value!r}')
+
+
+def _key_value(text: str) -> Any:
+    """``key=value`` of ``--model-kwargs``; the value is parsed as YAML (``3``, ``0.1``, ``[1, 2]``, ``true``)."""
+    if '=' not in text:
+        raise ValueError(f'expected key=value, got {text!r}')
+    key, value = text.split('=', 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full training parser; ``scripts/train.py`` and ``scripts/finetune.py`` extend it."""
+    parser = argparse.ArgumentParser(
+        description='Train a pce_timm (or any timm) model with accelerate.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--config', '-c', default=None, metavar='YAML',
+                        help='recipe whose keys (argument dest names + phases) set the defaults below')
+
+    group = parser.add_argument_group('data')
+    group.add_argument('--dataset', default=None, help='dataset name (pce_timm.data.list_datasets())')
+    group.add_argument('--data-dir', default=None, help='local folder holding the dataset (else searched)')
+    group.add_argument('--eval-split', default='test', help='split evaluated after each epoch and at the end')
+    group.add_argument('--max-train-samples', type=int, default=None, help='train on a fixed random subset')
+    group.add_argument('--max-eval-samples', type=int, default=None, help='evaluate on a fixed random subset')
+    group.add_argument('--workers', type=int, default=0, help='DataLoader worker processes per rank')
+    group.add_argument('--img-size', type=int, default=None, help='input size (default: the dataset native size)')
+    group.add_argument('--in-chans', type=int, default=None, help='model input channels (default: the dataset)')
+
+    group = parser.add_argument_group('model')
+    group.add_argument('--model', default=None,
+                       help='timm model name; or trained weights to start from: local-dir:DIR, hf-hub:ID, a run '
+                            'folder, a model folder or a checkpoint folder')
+    group.add_argument('--pretrained', type=_bool, nargs='?', const=True, default=False,
+                       help='load the pretrained weights of --model')
+    group.add_argument('--num-experts', type=int, default=None)
+    group.add_argument('--top-k', type=_top_k, default=None, help="k experts per patch, or 'soft'")
+    group.add_argument('--router', default=None, choices=('cosine', 'mlp', 'positional', 'uniform'))
+    group.add_argument('--pce-stages', type=int, nargs='*', default=None, help='stages whose convs are PCE')
+    group.add_argument('--patch-size', type=int, default=None)
+    group.add_argument('--attention', type=_bool, nargs='?', const=True, default=None)
+    group.add_argument('--stem-type', default=None)
+    group.add_argument('--drop-rate', type=float, default=None)
+    group.add_argument('--drop-path-rate', type=float, default=None)
+    group.add_argument('--freeze', nargs='*', default=None, choices=('experts', 'router', 'backbone'),
+                       help='keep these parts unchanged for the whole run (fine-tuning)')
+    group.add_argument('--model-kwargs', type=_key_value, nargs='*', default=None, metavar='KEY=VALUE',
+                       help='further timm.create_model kwargs (in a recipe: a mapping)')
+
+    group = parser.add_argument_group('optimisation')
+    group.add_argument('--epochs', type=int, default=10)
+    group.add_argument('--batch-size', '-b', type=int, default=128, help='per-process batch size')
+    group.add_argument('--eval-batch-size', type=int, default=None, help='default: 2 x batch size')
+    group.add_argument('--grad-accum-steps', type=int, default=1)
+    group.add_argument('--opt', default='adamw', help='timm optimizer name (timm.optim.list_optimizers())')
+    group.add_argument('--lr', type=float, default=1e-3)
+    group.add_argument('--weight-decay', type=float, default=0.05)
+    group.add_argument('--momentum', type=float, default=0.9)
+    group.add_argument('--opt-eps', type=float, default=None)
+    group.add_argument('--opt-betas', type=float, nargs=2, default=None)
+    group.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value')
+    group.add_argument('--sched', default='cosine', help="timm scheduler name, or 'none'")
+    group.add_argument('--sched-on-updates', type=_bool, nargs='?', const=True, default=True,
+                       help='step the schedule per optimizer update (else per epoch)')
+    group.add_argument('--warmup-epochs', type=float, default=0)
+    group.add_argument('--warmup-lr', type=float, default=1e-5)
+    group.add_argument('--min-lr', type=float, default=0.0)
+    group.add_argument('--decay-epochs', type=float, default=None)
+    group.add_argument('--decay-rate', type=float, default=0.1)
+    group.add_argument('--cooldown-epochs', type=int, default=0)
+    group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+
+    group = parser.add_argument_group('augmentation (passed to timm / pce_timm.data)')
+    group.add_argument('--no-aug', type=_bool, nargs='?', const=True, default=False)
+    group.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random-resized-crop area')
+    group.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), help='random-resized-crop aspect')
+    group.add_argument('--hflip', type=float, default=0.5)
+    group.add_argument('--color-jitter', type=float, default=0.0)
+    group.add_argument('--aa', default=None, help="timm auto-augment, e.g. 'rand-m9-mstd0.5'")
+    group.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
+    group.add_argument('--crop-pct', type=float, default=1.0, help='eval centre-crop fraction')
+    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (> 0 enables)')
+    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (> 0 enables)')
+    group.add_argument('--mixup-prob', type=float, default=1.0)
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'))
+    group.add_argument('--black-patches-prob', type=float, default=0.0)
+    group.add_argument('--channel-boost-prob', type=float, default=0.0)
+
+    group = parser.add_argument_group('routing')
+    group.add_argument('--key-init', default='kmeans', choices=('kmeans', 'none'),
+                       help='fit cosine-router keys by K-Means on real patch embeddings before training')
+    group.add_argument('--key-init-batches', type=int, default=4)
+    group.add_argument('--aux-entropy', type=float, default=0.0, help='weight of the router entropy loss')
+    group.add_argument('--aux-balance', type=float, default=0.01, help='weight of the load-balance loss')
+    group.add_argument('--aux-z-loss', type=float, default=0.0, help='weight of the router z-loss')
+    group.add_argument('--phases', type=yaml.safe_load, default=None,
+                       help='training phases as YAML/JSON (normally set in the recipe)')
+
+    group = parser.add_argument_group('run')
+    group.add_argument('--output-dir', default=None, help='run folder (default: runs/<model>-<dataset>)')
+    group.add_argument('--resume', default=None, help="'auto' (latest checkpoint of --output-dir, if any), "
+                       'a run folder or a checkpoint folder')
+    group.add_argument('--seed', type=int, default=42)
+    group.add_argument('--mixed-precision', default='no', choices=MIXED_PRECISION)
+    group.add_argument('--log-with', nargs='*', default=['csv', 'tensorboard'],
+                       help=f'trackers, any of {TRACKERS}')
+    group.add_argument('--log-interval', type=int, default=50, help='log train loss every N optimizer updates')
+    group.add_argument('--checkpoint-every', type=int, default=1, help='save a checkpoint every N epochs')
+    group.add_argument('--checkpoint-steps', type=int, default=None,
+                       help='also save every N optimizer updates (exact mid-epoch resume needs --workers 0)')
+    group.add_argument('--checkpoint-limit', type=int, default=2, help='keep the N newest checkpoints')
+    group.add_argument('--progress', type=_bool, nargs='?', const=True, default=True, help='tqdm progress bars')
+    return parser
+
+
+def _actions(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest not in ('help', argparse.SUPPRESS)}
+
+
+def _convert(action: argparse.Action, key: str, value: Any) -> Any:
+    """Run a recipe value through the action's type, like the command line would (YAML reads '1e-3' as str)."""
+    if value is None or action.type is None or action.type is yaml.safe_load:
+        return value
+    try:
+        if isinstance(value, (list, tuple)):
+            return [action.type(v) if isinstance(v, str) else v for v in value]
+        if action.type is _key_value:
+            return value
+        if action.type in (int, float) and isinstance(value, bool):
+            raise ValueError('a boolean')
+        if isinstance(value, str) or action.type is _bool or action.type is _top_k:
+            return action.type(value)
+        if action.type is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f'{value} is not an integer')
+            return int(value)
+        if action.type is float and isinstance(value, int):
+            return float(value)
+        return value
+    except (TypeError, ValueError) as e:
+        name = getattr(action.type, '__name__', str(action.type)).lstrip('_')
+        raise RecipeError(f'{key}: {value!r} is not a valid {name} ({e})') from None
+
+
+def load_recipe(path: str | os.PathLike, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Any]:
+    """Read a YAML recipe and return its values converted like command-line values.
+
+    Raises:
+        RecipeError: The file is missing or not a mapping, or a key is unknown (close matches are suggested).
+    """
+    parser = parser or build_parser()
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f'config: recipe file {str(path)!r} does not exist')
+    with path.open() as f:
+        try:
+            recipe = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f'config: {path} is not valid YAML: {e}') from None
+    if not isinstance(recipe, dict):
+        raise RecipeError(f'config: {path} must hold a mapping of keys to values, got {type(recipe).__name__}')
+    actions = _actions(parser)
+    values = {}
+    for key, value in recipe.items():
+        dest = str(key).replace('-', '_')
+        if dest not in actions or dest == 'config':
+            close = difflib.get_close_matches(dest, list(actions), n=3)
+            hint = f' Did you mean {", ".join(close)}?' if close else ''
+            raise RecipeError(f'{path}: unknown key {key!r}.{hint} Accepted keys: {", ".join(sorted(actions))}')
+        if dest == 'model_kwargs' and isinstance(value, dict):
+            values[dest] = dict(value)
+            continue
+        values[dest] = _convert(actions[dest], dest, value)
+    return values
+
+
+def parse_namespace(
+        argv: Optional[Sequence[str]] = None,
+        parser: Optional[argparse.ArgumentParser] = None,
+) -> argparse.Namespace:
+    """Parse ``argv`` with recipe defaults into the flat namespace of recipe keys, validated (:func:`validate_args`).
+
+    Raises:
+        RecipeError: For any bad recipe or argument value (the CLIs print it as ``error: ...``).
+    """
+    parser = parser or build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    defaults: Dict[str, Any] = {}
+    resumed = _resumed_config(pre)
+    if resumed is not None:
+        defaults.update(load_recipe(resumed, parser))
+        defaults.pop('resume', None)
+    if pre.config:
+        defaults.update(load_recipe(pre.config, parser))
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    return validate_args(args, parser)
+
+
+def _resumed_config(pre: argparse.Namespace) -> Optional[Path]:
+    """The saved config of the run named by ``--resume`` (a run folder or one of its checkpoints), if any."""
+    if not pre.resume or pre.resume == 'auto':
+        candidates = [Path(pre.output_dir)] if pre.resume == 'auto' and pre.output_dir else []
+    else:
+        path = Path(pre.resume)
+        candidates = [path, path.parent.parent]
+    return next((c / CONFIG_FILE for c in candidates if (c / CONFIG_FILE).is_file()), None)
+
+
+def _require(condition: bool, key: str, value: Any, accepted: str) -> None:
+    if not condition:
+        raise RecipeError(f'{key}: got {value!r}; accepted: {accepted}')
+
+
+def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    """Check ranges and choices (argparse does not check defaults that come from a recipe); fill derived values."""
+    parser = parser or build_parser()
+    for dest, action in _actions(parser).items():
+        value = getattr(args, dest, None)
+        values = value if isinstance(value, (list, tuple)) and action.nargs in ('*', '+') else [value]
+        for item in values:
+            if action.choices is not None and item is not None and item not in action.choices:
+                _require(False, dest, item, ', '.join(map(str, action.choices)))
+    _require(bool(args.model), 'model', args.model, 'a timm model name (e.g. pce_resnet18), local-dir:DIR, hf-hub:ID')
+    _require(bool(args.dataset), 'dataset', args.dataset, 'a dataset name (pce_timm.data.list_datasets())')
+    for key in ('epochs', 'batch_size', 'grad_accum_steps', 'key_init_batches', 'log_interval', 'checkpoint_every',
+                'checkpoint_limit'):
+        value = getattr(args, key)
+        _require(isinstance(value, int) and value >= 1, key, value, 'an integer >= 1')
+    for key in ('max_train_samples', 'max_eval_samples', 'eval_batch_size', 'checkpoint_steps', 'num_experts',
+                'patch_size', 'img_size'):
+        value = getattr(args, key)
+        _require(value is None or (isinstance(value, int) and value >= 1), key, value, 'an integer >= 1 or null')
+    _require(args.workers >= 0, 'workers', args.workers, 'an integer >= 0')
+    _require(args.lr > 0, 'lr', args.lr, 'a number > 0')
+    for key in ('weight_decay', 'aux_entropy', 'aux_balance', 'aux_z_loss', 'min_lr', 'warmup_lr', 'warmup_epochs',
+                'mixup', 'cutmix', 'smoothing', 'color_jitter', 'cooldown_epochs'):
+        value = getattr(args, key)
+        _require(value >= 0, key, value, 'a number >= 0')
+    for key in ('hflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'black_patches_prob', 'channel_boost_prob',
+                'smoothing'):
+        value = getattr(args, key)
+        _require(0 <= value <= 1, key, value, 'a probability in [0, 1]')
+    _require(args.clip_grad is None or args.clip_grad > 0, 'clip_grad', args.clip_grad, 'a number > 0 or null')
+    _require(0 < args.crop_pct <= 1, 'crop_pct', args.crop_pct, 'a fraction in (0, 1]')
+    top_k = args.top_k
+    _require(top_k is None or top_k == 'soft' or (isinstance(top_k, int) and top_k >= 1), 'top_k', top_k,
+             "an integer >= 1, 'soft' or null")
+    for tracker in args.log_with or []:
+        _require(tracker in TRACKERS, 'log_with', tracker, ', '.join(TRACKERS))
+    if args.resume not in (None, 'auto') and not Path(args.resume).exists():
+        raise RecipeError(f'resume: {args.resume!r} does not exist; accepted: auto, a run folder or a '
+                          'checkpoint folder')
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise RecipeError(f'batch_size: mixup/cutmix need an even batch size, got {args.batch_size}')
+    if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):
+        args.model_kwargs = dict(args.model_kwargs)
+    try:
+        args.phases = parse_phases(args.phases, args.epochs)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    if args.eval_batch_size is None:
+        args.eval_batch_size = 2 * args.batch_size
+    if args.output_dir is None:
+        if args.resume not in (None, 'auto'):
+            path = Path(args.resume)
+            args.output_dir = str(path if (path / 'checkpoints').is_dir() else path.parent.parent)
+        else:
+            name = args.model.split(':')[-1].rstrip('/').replace('/', '_')
+            args.output_dir = str(Path('runs') / f'{name}-{args.dataset}')
+    return args
