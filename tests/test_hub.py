@@ -32,7 +32,8 @@ from pce_timm.hub import (
     write_release,
 )
 from pce_timm.hub import release as release_module
-from pce_timm.utils import load_module_from_path
+from pce_timm.train.checkpoint import save_model_dir
+from pce_timm.utils import atomic_file, atomic_folder, load_module_from_path, write_file_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = 'hf_pceFakeToken0123456789abcdefXYZ'
@@ -162,6 +163,71 @@ def test_failed_write_keeps_previous_release(tmp_path, model, release, monkeypat
         write_release(model, precious, model_card='x')
     with pytest.raises(ReleaseError, match='hidden'):
         write_release(model, tmp_path / 'other', model_card='x', extra_files={'.git/config': 'x'})
+
+
+def test_atomic_writers_honour_the_umask_and_keep_the_old_on_failure(tmp_path, model):
+    old_umask = os.umask(0o027)
+    try:
+        path = write_file_atomic(tmp_path / 'a' / 'results.json', 'one\n')
+        assert path.read_text() == 'one\n' and path.stat().st_mode & 0o777 == 0o640
+        write_file_atomic(path, b'two')
+        assert path.read_bytes() == b'two'
+        with pytest.raises(RuntimeError, match='crash'), atomic_file(path) as tmp:
+            tmp.write_text('half')
+            raise RuntimeError('crash')
+        assert path.read_bytes() == b'two'
+
+        folder = tmp_path / 'folder'
+        with atomic_folder(folder) as tmp:
+            (tmp / 'x').write_text('1')
+        assert (folder / 'x').read_text() == '1' and folder.stat().st_mode & 0o777 == 0o750
+        with pytest.raises(RuntimeError, match='crash'), atomic_folder(folder) as tmp:
+            (tmp / 'y').write_text('2')
+            raise RuntimeError('crash')
+        assert sorted(p.name for p in folder.iterdir()) == ['x']
+        with atomic_folder(folder) as tmp:
+            (tmp / 'y').write_text('2')
+        assert sorted(p.name for p in folder.iterdir()) == ['y']
+
+        export = save_model_dir(model, tmp_path / 'run' / 'model')  # a training export: the same writers
+        assert export.stat().st_mode & 0o777 == 0o750
+        assert (export / 'model.safetensors').stat().st_mode & 0o777 == 0o640
+        _assert_same_weights(timm.create_model(f'local-dir:{export}', pretrained=True), model)
+    finally:
+        os.umask(old_umask)
+    hidden = list(tmp_path.rglob('.*'))
+    assert not hidden, hidden  # no temporaries or old copies left behind
+
+
+def test_release_and_training_export_write_the_same_model_files(tmp_path, model, release):
+    export = save_model_dir(model, tmp_path / 'export')
+    for name in ('config.json', 'model.safetensors'):
+        assert (export / name).read_bytes() == (release / name).read_bytes(), name
+
+
+def test_hub_never_imports_the_models_or_the_layers_above_it():
+    """Arrows point down: models -> hub -> (timm, huggingface_hub, pce_timm.utils); no cycle back to models."""
+    above = ('pce_timm.models', 'pce_timm.train', 'pce_timm.release', 'pce_timm.analysis', 'pce_timm.data',
+             'pce_timm.layers')
+    for path in sorted((REPO_ROOT / 'pce_timm' / 'hub').glob('*.py')):
+        for imported in _imports(path, 'pce_timm.hub'):
+            assert not imported.startswith(above), f'{path.name} imports {imported}'
+    assert _imports(REPO_ROOT / 'pce_timm' / 'hub' / 'ids.py', 'pce_timm.hub') == []
+    assert _imports(REPO_ROOT / 'pce_timm' / 'utils.py', 'pce_timm') == []
+
+
+def _imports(path: Path, package: str) -> list:
+    """Modules a file imports (absolute names; relative imports resolved against ``package``)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit('.', node.level - 1)[0] if node.level > 1 else package
+            found.append(f'{base}.{node.module}' if node.level and node.module else node.module or base)
+    return [m for m in found if m.startswith('pce_timm')]
 
 
 # ---------------------------------------------------------------- push / download through the fake Hub
