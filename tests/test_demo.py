@@ -1,4 +1,4 @@
-"""scripts/demo.py: a tiny end-to-end demo (2 rows, routing.png), the output-folder guard and the data hint.
+"""scripts/demo.py + pce_timm.demo: a tiny end-to-end demo (2 rows, routing.png), the output-folder guard, data hint.
 
 The end-to-end test trains both demo models (widths 8..64) for 2 epochs on 256 Fashion-MNIST images and
 evaluates on 200, with one torch thread; it needs the Debian package dataset-fashion-mnist and is skipped
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pce_timm import demo as demo_lib
 from pce_timm.data import DatasetNotFoundError, load_image_dataset
 from pce_timm.utils import load_module_from_path
 
@@ -98,13 +99,13 @@ def test_overwrite_restores_the_old_demo_when_the_new_one_fails(tmp_path, monkey
     out = tmp_path / 'demo'
     out.mkdir()
     (out / 'results.json').write_text('old')
-    monkeypatch.setattr(demo, 'check_data', lambda args: None)
+    monkeypatch.setattr(demo_lib, 'check_data', lambda args: None)
 
     def failing_training(argv):
         assert not (out / 'results.json').exists(), 'the new demo starts in an empty folder'
         raise RuntimeError('boom')
 
-    monkeypatch.setattr(demo, 'run_training', failing_training)
+    monkeypatch.setattr(demo_lib, 'run_training', failing_training)
     with pytest.raises(RuntimeError, match='boom'):
         demo.main(['--output-dir', str(out), '--overwrite', *TINY])
     assert (out / 'results.json').read_text() == 'old'

@@ -11,7 +11,7 @@ import it, it never imports them. ``pce_timm.release`` (training, measuring, car
 from .cache import file_etag, git_blob_sha1, hf_cache_dir, install_into_hf_cache, release_commit_hash
 from .ids import PCE_HUB_ORG, hub_id, split_revision
 from .offline import MissingWeightsError, explain_missing_weights, load_pretrained_or_explain, weights_repo_for
-from .push import PushResult, push_release
+from .push import PUSH_ERRORS, PushResult, push_release
 from .release import (
     CARD_NAME,
     CONFIG_NAME,
@@ -31,7 +31,7 @@ from .release import (
 )
 
 __all__ = [
-    'CARD_NAME', 'CONFIG_NAME', 'EVAL_RESULTS_NAME', 'PCE_HUB_ORG', 'RESULTS_NAME', 'WEIGHTS_NAME',
+    'CARD_NAME', 'CONFIG_NAME', 'EVAL_RESULTS_NAME', 'PCE_HUB_ORG', 'PUSH_ERRORS', 'RESULTS_NAME', 'WEIGHTS_NAME',
     'MissingWeightsError', 'PushResult', 'ReleaseError', 'ReleaseSource', 'check_safetensors',
     'explain_missing_weights', 'file_etag', 'find_release_source', 'git_blob_sha1', 'hf_cache_dir', 'hub_id',
     'install_into_hf_cache', 'load_model_from_source', 'load_pretrained_or_explain', 'push_release',
