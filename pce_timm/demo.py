@@ -126,7 +126,7 @@ class OutputFolder:
         self.backup: Optional[Path] = None
 
     def check(self) -> None:
-        from pce_timm.train.config import RecipeError
+        from pce_timm.train import RecipeError
 
         if self.path.exists() and not self.path.is_dir():
             raise RecipeError(f'output_dir: {str(self.path)!r} is a file; choose another --output-dir')

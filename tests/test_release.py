@@ -201,10 +201,11 @@ def test_truncated_or_mismatched_run_weights_are_refused(released, tmp_path, cap
     assert not (root / 'releases' / NAME).exists()
 
 
-def test_offline_check_in_a_fresh_interpreter(released, tmp_path):
+def test_offline_check_in_a_fresh_interpreter(released, tmp_path, monkeypatch):
     """`make release`'s last step (python -m pce_timm.release.verify): passes on the release, names a mismatch."""
     weights = released / 'releases' / NAME / 'model.safetensors'
-    verify_offline(NAME, REPO_ID, weights, released / 'hub')
+    monkeypatch.chdir(released)  # relative paths, as `make_release.py --releases-dir releases` passes them
+    verify_offline(NAME, REPO_ID, Path('releases') / NAME / 'model.safetensors', Path('hub'))
     changed = safetensors.torch.load_file(weights)
     key = next(iter(changed))
     changed[key] = changed[key] + 1

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from timm.models import get_pretrained_cfg
+
 from pce_timm.utils import write_file_atomic
 
 from .cards import CARD_DIR, CardDataError, ModelEntry, default_card_files, find_entry, load_entries
@@ -132,26 +134,22 @@ def _usage(entry: ModelEntry) -> List[str]:
 
 def _input_channels(entry: ModelEntry) -> int:
     """Input channels of ``model.tag`` from its registered pretrained cfg (3 when it is not registered)."""
-    try:
-        from timm.models import get_pretrained_cfg
-
-        import pce_timm  # noqa: F401 - registers pce_* models
-        cfg = get_pretrained_cfg(entry.name)
-    except (ImportError, RuntimeError):
-        return 3
+    cfg = _registered_cfg(entry)
     return int(cfg.input_size[0]) if cfg is not None and cfg.input_size else 3
 
 
 def _registry_points_here(entry: ModelEntry) -> bool:
     """True if ``timm.create_model('<model>.<tag>', pretrained=True)`` loads from this repo."""
-    try:
-        from timm.models import get_pretrained_cfg
-
-        import pce_timm  # noqa: F401 - registers pce_* models
-        cfg = get_pretrained_cfg(entry.name)
-    except (ImportError, RuntimeError):
-        return False
+    cfg = _registered_cfg(entry)
     return cfg is not None and cfg.hf_hub_id == entry.repo_id
+
+
+def _registered_cfg(entry: ModelEntry):
+    """The pretrained cfg timm has registered for ``model.tag`` (pce_* are registered by importing pce_timm)."""
+    try:
+        return get_pretrained_cfg(entry.name)
+    except RuntimeError:  # an architecture timm does not know
+        return None
 
 
 def _results_table(entry: ModelEntry) -> List[str]:

@@ -52,7 +52,8 @@ def verify_offline(name: str, repo_id: str, weights: PathLike, cache_dir: PathLi
     Raises:
         OfflineLoadError: the child failed; the message is the last line of its stderr.
     """
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache_dir))
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(Path(cache_dir).resolve()))
+    weights = Path(weights).resolve()  # the child runs elsewhere
     command = [sys.executable, '-m', 'pce_timm.release.verify', name, repo_id, str(weights)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=_package_parent())
     if proc.returncode != 0 or proc.stdout.strip() != 'ok':
