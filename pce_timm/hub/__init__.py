@@ -27,7 +27,6 @@ from .release import (
     state_dict_to_safetensors,
     write_model_files,
     write_release,
-    write_timm_config,
 )
 
 __all__ = [
@@ -36,5 +35,5 @@ __all__ = [
     'explain_missing_weights', 'file_etag', 'find_release_source', 'git_blob_sha1', 'hf_cache_dir', 'hub_id',
     'install_into_hf_cache', 'load_model_from_source', 'load_pretrained_or_explain', 'push_release',
     'release_commit_hash', 'release_files', 'split_revision', 'state_dict_to_safetensors', 'weights_repo_for',
-    'write_model_files', 'write_release', 'write_timm_config',
+    'write_model_files', 'write_release',
 ]

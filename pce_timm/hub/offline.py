@@ -13,9 +13,9 @@ import timm
 import torch
 from huggingface_hub import constants
 from huggingface_hub.errors import (
+    EntryNotFoundError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -28,9 +28,10 @@ from .release import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ['MissingWeightsError', 'weights_repo_for', 'explain_missing_weights', 'load_pretrained_or_explain']
 
+# EntryNotFoundError: a file missing on the Hub (RemoteEntryNotFoundError from huggingface_hub 1.0 on, the class
+# itself before); the base class names both.
 _MISSING_ERRORS = (
-    LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
-    RevisionNotFoundError,
+    LocalEntryNotFoundError, OfflineModeIsEnabled, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
 )
 
 

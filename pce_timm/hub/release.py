@@ -4,7 +4,7 @@ deterministically, and checkpoints read back with errors that name the file and 
 A release folder::
 
     config.json        architecture, num_classes, num_features, model_args, pretrained_cfg (timm's own format,
-                       written by ``write_timm_config``)
+                       written by timm's ``save_config_for_hf``, then canonical JSON text)
     model.safetensors  the state dict; no pickle anywhere
     README.md          the model card (rendered by ``pce_timm.release.render``)
     ...                optional extra files, e.g. ``results.json`` or ``figures/routing.png``
@@ -37,7 +37,7 @@ from pce_timm.utils import atomic_folder
 __all__ = [
     'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'RESULTS_NAME', 'EVAL_RESULTS_NAME', 'ReleaseError', 'ReleaseSource',
     'write_release', 'find_release_source', 'load_model_from_source', 'check_safetensors', 'release_files',
-    'state_dict_to_safetensors', 'write_model_files', 'write_timm_config',
+    'state_dict_to_safetensors', 'write_model_files',
 ]
 
 CONFIG_NAME = 'config.json'
@@ -101,7 +101,7 @@ def write_release(
             looks like a release (has a config.json).
         model_card: README.md text, front matter included.
         extra_files: repo path -> text, bytes or a local file to copy (e.g. ``{'results.json': path}``).
-        model_config: passed to ``write_timm_config`` (e.g. ``label_names``).
+        model_config: extra top-level config fields (e.g. ``label_names``).
         model_args: explicit, JSON-serializable model constructor args for config.json.
         data_config: preprocessing used with these weights (input size, mean/std, crop).
         verify: rebuild the model from the written config.json and check the weights load into it strictly.
@@ -328,26 +328,6 @@ def _read_config(path: Path) -> Dict[str, Any]:
     return config
 
 
-def write_timm_config(
-        model: torch.nn.Module,
-        path: Union[str, os.PathLike],
-        model_config: Optional[Dict[str, Any]] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-        data_config: Optional[Dict[str, Any]] = None,
-) -> Path:
-    """Write timm's ``config.json`` for ``model`` (what ``timm.create_model('local-dir:...')`` and ``hf-hub:`` read).
-
-    Args:
-        model: a timm model with a ``pretrained_cfg``.
-        path: the file to write (inside a folder being assembled; not atomic by itself).
-        model_config: extra top-level fields, e.g. ``label_names``.
-        model_args: explicit, JSON-serializable model constructor args.
-        data_config: preprocessing used with these weights (input size, mean/std, crop).
-    """
-    save_config_for_hf(model, str(path), model_config=model_config, model_args=model_args, data_config=data_config)
-    return Path(path)
-
-
 def _write_config(
         model: torch.nn.Module,
         path: Path,
@@ -356,7 +336,7 @@ def _write_config(
         data_config: Optional[Dict[str, Any]],
 ) -> None:
     try:
-        write_timm_config(model, path, model_config, model_args, data_config)
+        save_config_for_hf(model, str(path), model_config=model_config, model_args=model_args, data_config=data_config)
     except ValueError as e:
         raise ReleaseError(f'cannot describe the model in config.json: {e}') from e
     # canonical text (timm leaves no final newline); key order is timm's and stable
