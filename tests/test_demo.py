@@ -95,6 +95,14 @@ def test_bad_train_option_fails_before_anything_runs(tmp_path, capsys):
     assert 'lr' in capsys.readouterr().err and not out.exists()
 
 
+def test_a_failed_training_process_gives_its_exit_code(tmp_path, capfd):
+    """Each demo run trains in a spawned process; its error message and exit code reach the demo's caller."""
+    with pytest.raises(demo_lib.TrainingFailed) as info:
+        demo_lib.run_training(['--config', str(demo_lib.DEFAULT_RECIPE), '--output-dir', str(tmp_path / 'x'),
+                               '--lr', '-1'])
+    assert info.value.exit_code == 2 and 'lr' in capfd.readouterr().err
+
+
 def test_overwrite_restores_the_old_demo_when_the_new_one_fails(tmp_path, monkeypatch):
     out = tmp_path / 'demo'
     out.mkdir()
