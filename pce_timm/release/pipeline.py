@@ -44,16 +44,16 @@ from pce_timm.hub import (
 from pce_timm.utils import write_file_atomic
 
 from . import render
-from .cards import CardNumbers, Measured, default_card_files, find_entry, load_entries, update_measured
+from .cards import CARD_DIR, CardNumbers, Measured, default_card_files, find_entry, load_entries, update_measured
 
 __all__ = [
     'DEFAULT_CARDS', 'DEFAULT_RECIPE', 'RELEASES', 'REPO_ROOT', 'ReleaseCheckFailed', 'ReleaseConfig', 'ReleaseRefused',
     'ReleaseSpec', 'RunNumbers', 'make_release',
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = CARD_DIR.parent  # the checkout this package runs from
 DEFAULT_RECIPE = REPO_ROOT / 'scripts' / 'configs' / 'pce_resnet18_fmnist_release.yaml'
-DEFAULT_CARDS = REPO_ROOT / 'model_cards' / 'pce_resnet.yaml'
+DEFAULT_CARDS = CARD_DIR / 'pce_resnet.yaml'
 # The dense baseline is the same recipe with no PCE stage: timm BasicBlocks everywhere, same widths and stem.
 DENSE_ARGS = ('--pce-stages',)
 # config keys that do not change what a run trains (a completed run that differs only in these is reused)
