@@ -1,4 +1,4 @@
-"""scripts/demo.py: a tiny end-to-end demo (2 rows, routing.png), the output-folder guard and the data hint.
+"""scripts/demo.py + pce_timm.demo: a tiny end-to-end demo (2 rows, routing.png), the output-folder guard, data hint.
 
 The end-to-end test trains both demo models (widths 8..64) for 2 epochs on 256 Fashion-MNIST images and
 evaluates on 200, with one torch thread; it needs the Debian package dataset-fashion-mnist and is skipped
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pce_timm import demo as demo_lib
 from pce_timm.data import DatasetNotFoundError, load_image_dataset
 from pce_timm.utils import load_module_from_path
 
@@ -94,17 +95,25 @@ def test_bad_train_option_fails_before_anything_runs(tmp_path, capsys):
     assert 'lr' in capsys.readouterr().err and not out.exists()
 
 
+def test_a_failed_training_process_gives_its_exit_code(tmp_path, capfd):
+    """Each demo run trains in a spawned process; its error message and exit code reach the demo's caller."""
+    with pytest.raises(demo_lib.TrainingFailed) as info:
+        demo_lib.run_training(['--config', str(demo_lib.DEFAULT_RECIPE), '--output-dir', str(tmp_path / 'x'),
+                               '--lr', '-1'])
+    assert info.value.exit_code == 2 and 'lr' in capfd.readouterr().err
+
+
 def test_overwrite_restores_the_old_demo_when_the_new_one_fails(tmp_path, monkeypatch):
     out = tmp_path / 'demo'
     out.mkdir()
     (out / 'results.json').write_text('old')
-    monkeypatch.setattr(demo, 'check_data', lambda args: None)
+    monkeypatch.setattr(demo_lib, 'check_data', lambda args: None)
 
     def failing_training(argv):
         assert not (out / 'results.json').exists(), 'the new demo starts in an empty folder'
         raise RuntimeError('boom')
 
-    monkeypatch.setattr(demo, 'run_training', failing_training)
+    monkeypatch.setattr(demo_lib, 'run_training', failing_training)
     with pytest.raises(RuntimeError, match='boom'):
         demo.main(['--output-dir', str(out), '--overwrite', *TINY])
     assert (out / 'results.json').read_text() == 'old'

@@ -32,7 +32,10 @@ from pce_timm.hub import (
     write_release,
 )
 from pce_timm.hub import release as release_module
-from pce_timm.utils import load_module_from_path
+from pce_timm.release import cards as card_data
+from pce_timm.release import render
+from pce_timm.train.checkpoint import save_model_dir
+from pce_timm.utils import atomic_file, atomic_folder, load_module_from_path, write_file_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = 'hf_pceFakeToken0123456789abcdefXYZ'
@@ -41,7 +44,6 @@ EXAMPLE_REPO = 'pce-timm-example/test_resnet.example_in1k'
 TIMM_REPO = 'timm/test_resnet.r160_in1k'  # test_resnet's default cfg hf_hub_id
 
 
-render = load_module_from_path(REPO_ROOT / 'model_cards' / 'render.py', 'pce_model_cards_render')
 push_cli = load_module_from_path(REPO_ROOT / 'scripts' / 'push_to_hub.py', 'pce_push_to_hub')
 
 
@@ -53,7 +55,7 @@ def model():
 
 @pytest.fixture(scope='module')
 def card():
-    return render.render_hub_card(render.find_entry(render.load_entries([EXAMPLE_YAML]), EXAMPLE_REPO))
+    return render.render_hub_card(card_data.find_entry(card_data.load_entries([EXAMPLE_YAML]), EXAMPLE_REPO))
 
 
 @pytest.fixture
@@ -164,6 +166,71 @@ def test_failed_write_keeps_previous_release(tmp_path, model, release, monkeypat
         write_release(model, tmp_path / 'other', model_card='x', extra_files={'.git/config': 'x'})
 
 
+def test_atomic_writers_honour_the_umask_and_keep_the_old_on_failure(tmp_path, model):
+    old_umask = os.umask(0o027)
+    try:
+        path = write_file_atomic(tmp_path / 'a' / 'results.json', 'one\n')
+        assert path.read_text() == 'one\n' and path.stat().st_mode & 0o777 == 0o640
+        write_file_atomic(path, b'two')
+        assert path.read_bytes() == b'two'
+        with pytest.raises(RuntimeError, match='crash'), atomic_file(path) as tmp:
+            tmp.write_text('half')
+            raise RuntimeError('crash')
+        assert path.read_bytes() == b'two'
+
+        folder = tmp_path / 'folder'
+        with atomic_folder(folder) as tmp:
+            (tmp / 'x').write_text('1')
+        assert (folder / 'x').read_text() == '1' and folder.stat().st_mode & 0o777 == 0o750
+        with pytest.raises(RuntimeError, match='crash'), atomic_folder(folder) as tmp:
+            (tmp / 'y').write_text('2')
+            raise RuntimeError('crash')
+        assert sorted(p.name for p in folder.iterdir()) == ['x']
+        with atomic_folder(folder) as tmp:
+            (tmp / 'y').write_text('2')
+        assert sorted(p.name for p in folder.iterdir()) == ['y']
+
+        export = save_model_dir(model, tmp_path / 'run' / 'model')  # a training export: the same writers
+        assert export.stat().st_mode & 0o777 == 0o750
+        assert (export / 'model.safetensors').stat().st_mode & 0o777 == 0o640
+        _assert_same_weights(timm.create_model(f'local-dir:{export}', pretrained=True), model)
+    finally:
+        os.umask(old_umask)
+    hidden = list(tmp_path.rglob('.*'))
+    assert not hidden, hidden  # no temporaries or old copies left behind
+
+
+def test_release_and_training_export_write_the_same_model_files(tmp_path, model, release):
+    export = save_model_dir(model, tmp_path / 'export')
+    for name in ('config.json', 'model.safetensors'):
+        assert (export / name).read_bytes() == (release / name).read_bytes(), name
+
+
+def test_hub_never_imports_the_models_or_the_layers_above_it():
+    """Arrows point down: models -> hub -> (timm, huggingface_hub, pce_timm.utils); no cycle back to models."""
+    above = ('pce_timm.models', 'pce_timm.train', 'pce_timm.release', 'pce_timm.analysis', 'pce_timm.data',
+             'pce_timm.layers')
+    for path in sorted((REPO_ROOT / 'pce_timm' / 'hub').glob('*.py')):
+        for imported in _imports(path, 'pce_timm.hub'):
+            assert not imported.startswith(above), f'{path.name} imports {imported}'
+    assert _imports(REPO_ROOT / 'pce_timm' / 'hub' / 'ids.py', 'pce_timm.hub') == []
+    assert _imports(REPO_ROOT / 'pce_timm' / 'utils.py', 'pce_timm') == []
+
+
+def _imports(path: Path, package: str) -> list:
+    """Modules a file imports (absolute names; relative imports resolved against ``package``)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit('.', node.level - 1)[0] if node.level > 1 else package
+            found.append(f'{base}.{node.module}' if node.level and node.module else node.module or base)
+    return [m for m in found if m.startswith('pce_timm')]
+
+
 # ---------------------------------------------------------------- push / download through the fake Hub
 
 def test_push_download_and_load_round_trip(tmp_path, fake_hub, hf_home, model, release):
@@ -197,6 +264,25 @@ def test_cli_push_renders_card_and_repush_is_a_noop(tmp_path, fake_hub, run_dir,
     out = capsys.readouterr()
     assert 'unchanged' in out.out
     _assert_token_absent(tmp_path, texts=[out.out, out.err, *(f.decode('latin-1') for f in files.values())])
+
+
+def test_cli_push_to_an_unreachable_hub_exits_1(tmp_path, hf_home, run_dir, monkeypatch, capsys):
+    """A connection failure (the HTTP client's own error, not an HfHubHTTPError) is a message and exit 1."""
+    monkeypatch.setenv('HF_TOKEN', TOKEN)
+    monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')  # nothing listens there
+    monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')
+    assert push_cli.main([str(run_dir), '--repo-id', EXAMPLE_REPO, '--cards', str(EXAMPLE_YAML)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: pushing to {EXAMPLE_REPO!r} failed: ') and TOKEN not in err
+
+
+def test_card_for_a_checkpoint_of_another_architecture_is_refused():
+    with pytest.raises(card_data.CardDataError, match="describes 'test_resnet' but the checkpoint is a 'resnet18'"):
+        render.card_for_checkpoint(EXAMPLE_REPO, 'resnet18', [EXAMPLE_YAML])
+    card, assets, found = render.card_for_checkpoint('org/unknown', 'resnet18', [EXAMPLE_YAML], allow_minimal=True)
+    assert not found and assets == {} and "timm.create_model('hf-hub:org/unknown', pretrained=True)" in card
+    with pytest.raises(card_data.CardDataError, match="no model card entry with repo_id 'org/unknown'"):
+        render.card_for_checkpoint('org/unknown', 'resnet18', [EXAMPLE_YAML])
 
 
 # ---------------------------------------------------------------- offline HF cache
@@ -319,7 +405,7 @@ def test_hub_card_metadata_and_body(card):
     assert top1.metric_value == pytest.approx(58.31) and top1.dataset_split == 'validation'
     assert f"timm.create_model('hf-hub:{EXAMPLE_REPO}', pretrained=True)" in parsed.text
     assert '| ImageNet-1k | validation | 160 | 58.31 | 81.07 |' in parsed.text
-    entry = render.find_entry(render.load_entries([EXAMPLE_YAML]), EXAMPLE_REPO)
+    entry = card_data.find_entry(card_data.load_entries([EXAMPLE_YAML]), EXAMPLE_REPO)
     numbers = [entry.params_m, entry.gmacs] + [m for r in entry.results for m in (r.top1, r.top5, *r.routing.values())]
     for measured in numbers:
         assert f'`{measured.command}`' in parsed.text
@@ -338,13 +424,13 @@ def _family(tmp_path: Path, edit=None) -> Path:
 def test_card_data_needs_a_command_for_every_number(tmp_path):
     def bare_number(data):
         data['models'][0]['results'][0]['top1'] = 58.31
-    with pytest.raises(render.CardDataError, match=r'results\[0\]\.top1: a number needs the command'):
-        render.load_entries([_family(tmp_path, bare_number)])
+    with pytest.raises(card_data.CardDataError, match=r'results\[0\]\.top1: a number needs the command'):
+        card_data.load_entries([_family(tmp_path, bare_number)])
 
     def typo(data):
         data['models'][0]['parmas_m'] = data['models'][0].pop('params_m')
-    with pytest.raises(render.CardDataError, match='unknown field.*parmas_m'):
-        render.load_entries([_family(tmp_path, typo)])
+    with pytest.raises(card_data.CardDataError, match='unknown field.*parmas_m'):
+        card_data.load_entries([_family(tmp_path, typo)])
 
 
 def test_readme_table_check_and_write(tmp_path, capsys):
@@ -364,7 +450,7 @@ def test_readme_table_check_and_write(tmp_path, capsys):
     assert text.startswith('# pce_timm\n\n<!-- model-table:start -->\n| Model |') and text.endswith('\n\nMore.\n')
     assert f'[test_resnet.example_in1k](https://huggingface.co/{EXAMPLE_REPO})' in text and '| 58.31 |' in text
 
-    entry = render.load_entries([cards])[0]
+    entry = card_data.load_entries([cards])[0]
     assert render.card_assets(entry) == {'figures/routing.png': figure}
     assert '](figures/routing.png)' in render.render_hub_card(entry)
 

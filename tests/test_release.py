@@ -22,6 +22,7 @@ from huggingface_hub import constants
 from pce_timm.hub import MissingWeightsError, ReleaseError
 from pce_timm.models import PCE_HUB_ORG
 from pce_timm.models.pce_resnet import TAG_ARCH_ARGS
+from pce_timm.release.verify import OfflineLoadError, verify_offline
 from pce_timm.utils import load_module_from_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -198,6 +199,19 @@ def test_truncated_or_mismatched_run_weights_are_refused(released, tmp_path, cap
     err = capsys.readouterr().err
     assert 'model.safetensors does not fit' in err and 'missing keys' in err
     assert not (root / 'releases' / NAME).exists()
+
+
+def test_offline_check_in_a_fresh_interpreter(released, tmp_path, monkeypatch):
+    """`make release`'s last step (python -m pce_timm.release.verify): passes on the release, names a mismatch."""
+    weights = released / 'releases' / NAME / 'model.safetensors'
+    monkeypatch.chdir(released)  # relative paths, as `make_release.py --releases-dir releases` passes them
+    verify_offline(NAME, REPO_ID, Path('releases') / NAME / 'model.safetensors', Path('hub'))
+    changed = safetensors.torch.load_file(weights)
+    key = next(iter(changed))
+    changed[key] = changed[key] + 1
+    safetensors.torch.save_file(changed, str(tmp_path / 'other.safetensors'))
+    with pytest.raises(OfflineLoadError, match=rf'{NAME}: weights differ from .*other\.safetensors'):
+        verify_offline(NAME, REPO_ID, tmp_path / 'other.safetensors', released / 'hub')
 
 
 def test_tag_arch_args_conflicts_raise():

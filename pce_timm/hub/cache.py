@@ -25,12 +25,13 @@ import hashlib
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 from huggingface_hub import constants
 from huggingface_hub.file_download import repo_folder_name
+
+from pce_timm.utils import atomic_file, write_file_atomic
 
 from .release import ReleaseError, release_files
 
@@ -143,16 +144,11 @@ def _hash_file(digest, path: Path) -> str:
 
 
 def _install_blob(src: Path, blob: Path) -> None:
-    """Copy ``src`` to ``blob`` via a temp file + rename; an existing blob of the right size is kept."""
+    """Copy ``src`` to ``blob`` atomically; an existing blob of the right size is kept."""
     if blob.is_file() and blob.stat().st_size == src.stat().st_size:
         return
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    tmp = blob.with_name(f'.{blob.name}.{uuid.uuid4().hex[:8]}.incomplete')
-    try:
+    with atomic_file(blob) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, blob)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _link(blob: Path, pointer: Path) -> None:
@@ -160,27 +156,18 @@ def _link(blob: Path, pointer: Path) -> None:
     target = os.path.relpath(blob, pointer.parent)
     if pointer.is_symlink() and os.readlink(pointer) == target:
         return
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pointer.with_name(f'.{pointer.name}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
+    with atomic_file(pointer) as tmp:
         try:
             os.symlink(target, tmp)
         except OSError:
             shutil.copyfile(blob, tmp)
-        os.replace(tmp, pointer)
-    finally:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
 
 
 def _write_ref(ref: Path, commit: str) -> None:
     # hf_hub_download reads the ref with f.read(): no trailing newline allowed
     if ref.is_file() and ref.read_text() == commit:
         return
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(f'.{ref.name}.{uuid.uuid4().hex[:8]}.tmp')
-    tmp.write_text(commit)
-    os.replace(tmp, ref)
+    write_file_atomic(ref, commit)
 
 
 def _check_repo_id(repo_id: str) -> None:

@@ -13,26 +13,25 @@ import timm
 import torch
 from huggingface_hub import constants
 from huggingface_hub.errors import (
+    EntryNotFoundError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import repo_folder_name
 from timm.models import get_pretrained_cfg, parse_model_name
-from timm.models._hub import hf_split
-
-from pce_timm.models._hub import PCE_HUB_ORG
 
 from .cache import hf_cache_dir
+from .ids import PCE_HUB_ORG, split_revision
 from .release import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ['MissingWeightsError', 'weights_repo_for', 'explain_missing_weights', 'load_pretrained_or_explain']
 
+# EntryNotFoundError: a file missing on the Hub (RemoteEntryNotFoundError from huggingface_hub 1.0 on, the class
+# itself before); the base class names both.
 _MISSING_ERRORS = (
-    LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
-    RevisionNotFoundError,
+    LocalEntryNotFoundError, OfflineModeIsEnabled, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
 )
 
 
@@ -55,7 +54,7 @@ def weights_repo_for(model_name: str) -> Tuple[str, str, List[str]]:
     """
     source, model_id = parse_model_name(model_name)
     if source == 'hf-hub':
-        repo_id, revision = hf_split(model_id)
+        repo_id, revision = split_revision(model_id)
         return repo_id, revision or 'main', [CONFIG_NAME, WEIGHTS_NAME]
     if source == 'local-dir':
         raise ValueError(f'{model_name!r} loads from a local folder, not the Hub; check that {model_id} exists.')
@@ -68,7 +67,7 @@ def weights_repo_for(model_name: str) -> Tuple[str, str, List[str]]:
         raise ValueError(
             f'{model_name!r} has no hf_hub_id in its pretrained cfg, so there are no Hub weights to look for. '
             f'Use pretrained=False or pretrained_cfg_overlay=dict(file=PATH).')
-    repo_id, revision = hf_split(cfg.hf_hub_id)
+    repo_id, revision = split_revision(cfg.hf_hub_id)
     return repo_id, revision or 'main', [cfg.hf_hub_filename or WEIGHTS_NAME]
 
 

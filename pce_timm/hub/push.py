@@ -9,11 +9,17 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from .release import release_files
 
-__all__ = ['PushResult', 'push_release']
+__all__ = ['PUSH_ERRORS', 'PushResult', 'push_release']
+
+# What a push raises when the Hub fails, refuses or cannot be reached: HfHubHTTPError (refusals) derives from
+# the HTTP client's own base error, which connection failures raise too (requests' in huggingface_hub 0.x, an
+# OSError; httpx's in 1.x / 2.x). Taking it from HfHubHTTPError's bases names no HTTP client, so this holds
+# for every huggingface_hub version.
+PUSH_ERRORS = (HfHubHTTPError, OSError, *HfHubHTTPError.__bases__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,10 @@ def push_release(
         endpoint: Optional[str] = None,
 ) -> PushResult:
     """Create ``repo_id`` if needed and upload the release folder to ``revision`` as one commit.
+
+    Raises:
+        ReleaseError: ``release_dir`` is not a release folder.
+        one of ``PUSH_ERRORS``: the Hub failed, refused or could not be reached.
 
     Args:
         release_dir: a folder written by ``write_release``.

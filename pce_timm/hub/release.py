@@ -4,9 +4,9 @@ deterministically, and checkpoints read back with errors that name the file and 
 A release folder::
 
     config.json        architecture, num_classes, num_features, model_args, pretrained_cfg (timm's own format,
-                       written by ``timm.models._hub.save_config_for_hf``)
+                       written by timm's ``save_config_for_hf``, then canonical JSON text)
     model.safetensors  the state dict; no pickle anywhere
-    README.md          the model card (rendered by ``model_cards/render.py``)
+    README.md          the model card (rendered by ``pce_timm.release.render``)
     ...                optional extra files, e.g. ``results.json`` or ``figures/routing.png``
 
 Accepted checkpoint inputs (``find_release_source``): a training run folder (``model/config.json`` +
@@ -16,9 +16,7 @@ Accepted checkpoint inputs (``find_release_source``): a training run folder (``m
 import json
 import math
 import os
-import shutil
 import struct
-import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Mapping, Optional, Union
@@ -27,12 +25,19 @@ import safetensors.torch
 import timm
 import torch
 from safetensors import SafetensorError
+
+# timm has no public writer of config.json alone: timm.models.save_for_hf writes the weights too (as pickle, or
+# as safetensors without the 'format' metadata), so releases would not be byte-identical. save_config_for_hf's
+# data_config argument (the preprocessing of the exported weights) exists from timm 1.0.31 on. This is the one
+# place pce_timm uses it.
 from timm.models._hub import save_config_for_hf
+
+from pce_timm.utils import atomic_folder
 
 __all__ = [
     'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'RESULTS_NAME', 'EVAL_RESULTS_NAME', 'ReleaseError', 'ReleaseSource',
     'write_release', 'find_release_source', 'load_model_from_source', 'check_safetensors', 'release_files',
-    'state_dict_to_safetensors',
+    'state_dict_to_safetensors', 'write_model_files',
 ]
 
 CONFIG_NAME = 'config.json'
@@ -86,10 +91,8 @@ def write_release(
 ) -> Path:
     """Write ``model`` as a Hub release folder: config.json, model.safetensors, README.md and extras.
 
-    The folder is assembled in a temporary sibling of ``out_dir`` and renamed into place, so a failure never
-    leaves a half-written folder where a good one was: the previous folder is moved aside only once the new one
-    is complete, and removed after the new one is in place (a crash between those two renames leaves it as
-    ``.<name>.old-*``). Bytes are deterministic: the same model, card and extras give identical files, so pushing
+    The folder is written by ``pce_timm.utils.atomic_folder``, so a failure never leaves a half-written folder
+    where a good one was. Bytes are deterministic: the same model, card and extras give identical files, so pushing
     the result again is a no-op on the Hub.
 
     Args:
@@ -98,7 +101,7 @@ def write_release(
             looks like a release (has a config.json).
         model_card: README.md text, front matter included.
         extra_files: repo path -> text, bytes or a local file to copy (e.g. ``{'results.json': path}``).
-        model_config: passed to timm's ``save_config_for_hf`` (e.g. ``label_names``).
+        model_config: extra top-level config fields (e.g. ``label_names``).
         model_args: explicit, JSON-serializable model constructor args for config.json.
         data_config: preprocessing used with these weights (input size, mean/std, crop).
         verify: rebuild the model from the written config.json and check the weights load into it strictly.
@@ -113,22 +116,42 @@ def write_release(
         raise ReleaseError(
             f'{type(model).__name__} has no pretrained_cfg, so timm cannot describe it in config.json. '
             f'Build it with timm.create_model(...) before writing a release.')
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.with_name(f'.{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}')
-    tmp_dir.mkdir()  # plain mkdir, unlike mkdtemp, keeps the umask's permissions for the final folder
-    try:
-        _write_config(model, tmp_dir / CONFIG_NAME, model_config, model_args, data_config)
-        _write_bytes(tmp_dir / WEIGHTS_NAME, state_dict_to_safetensors(model.state_dict()))
+    with atomic_folder(out_dir) as tmp_dir:
+        write_model_files(tmp_dir, model, model_config=model_config, model_args=model_args, data_config=data_config)
         _write_bytes(tmp_dir / CARD_NAME, model_card.encode('utf-8'))
         for name, data in extras.items():
             _write_bytes(tmp_dir / name, data)
         if verify:
             _verify_release(tmp_dir)
-        _swap_into_place(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
+
+
+def write_model_files(
+        folder: Union[str, os.PathLike],
+        model: torch.nn.Module,
+        *,
+        state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+        model_config: Optional[Dict[str, Any]] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (timm's Hub format) into ``folder``, deterministically.
+
+    The one model-folder writer: releases (``write_release``) and training exports
+    (``pce_timm.train.checkpoint.save_model_dir``) call it inside ``pce_timm.utils.atomic_folder``.
+
+    Args:
+        folder: an existing folder, usually the temporary one of ``atomic_folder``.
+        model: a timm model with a ``pretrained_cfg``; it describes the architecture in config.json.
+        state_dict: the weights to save (e.g. gathered under FSDP); default ``model.state_dict()``.
+        model_config: extra top-level config fields, e.g. ``label_names``.
+        model_args: explicit, JSON-serializable model constructor args for config.json.
+        data_config: preprocessing used with these weights (input size, mean/std, crop).
+    """
+    folder = Path(folder)
+    _write_config(model, folder / CONFIG_NAME, model_config, model_args, data_config)
+    weights = model.state_dict() if state_dict is None else state_dict
+    _write_bytes(folder / WEIGHTS_NAME, state_dict_to_safetensors(weights))
 
 
 def state_dict_to_safetensors(state_dict: Mapping[str, Any]) -> bytes:
@@ -313,7 +336,7 @@ def _write_config(
         data_config: Optional[Dict[str, Any]],
 ) -> None:
     try:
-        save_config_for_hf(model, path, model_config=model_config, model_args=model_args, data_config=data_config)
+        save_config_for_hf(model, str(path), model_config=model_config, model_args=model_args, data_config=data_config)
     except ValueError as e:
         raise ReleaseError(f'cannot describe the model in config.json: {e}') from e
     # canonical text (timm leaves no final newline); key order is timm's and stable
@@ -355,21 +378,6 @@ def _check_replaceable(out_dir: Path) -> None:
 
 def _is_empty(path: Path) -> bool:
     return not any(path.iterdir())
-
-
-def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an existing folder is moved aside first and removed last."""
-    if not out_dir.exists():
-        os.rename(tmp_dir, out_dir)
-        return
-    backup = out_dir.with_name(f'.{out_dir.name}.old-{uuid.uuid4().hex[:8]}')
-    os.rename(out_dir, backup)
-    try:
-        os.rename(tmp_dir, out_dir)
-    except BaseException:
-        os.rename(backup, out_dir)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

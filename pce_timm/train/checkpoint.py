@@ -12,13 +12,13 @@ A run folder looks like::
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from pce_timm.utils import atomic_folder, write_file_atomic
 
 __all__ = [
     'TrainerState', 'NonFiniteLossError', 'checkpoint_folders', 'is_complete', 'latest_checkpoint', 'mark_complete',
@@ -120,15 +120,8 @@ def resolve_resume(resume: Optional[str], output_dir: str | os.PathLike) -> Opti
 
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write JSON through a temporary file and ``os.replace`` so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    with os.fdopen(fd, 'w') as f:
-        json.dump(_json_safe(data), f, indent=2)
-        f.write('\n')
-    os.replace(tmp, path)
-    return path
+    """Write ``data`` as JSON (non-finite floats as null) with ``pce_timm.utils.write_file_atomic``."""
+    return write_file_atomic(path, json.dumps(_json_safe(data), indent=2) + '\n')
 
 
 def _json_safe(value: Any) -> Any:
@@ -150,9 +143,10 @@ def save_model_dir(
 ) -> Path:
     """Save ``config.json`` + ``model.safetensors`` in timm's Hub format (as ``timm.models.save_for_hf``), atomically.
 
-    Written into a temporary sibling folder first and renamed into place, so ``model_dir`` is always either
-    the previous complete export or the new one. ``timm.create_model(f'local-dir:{model_dir}',
-    pretrained=True)`` rebuilds the model (timm records the model args) with these weights.
+    The files are written by ``pce_timm.hub.write_model_files`` (as in a release) inside
+    ``pce_timm.utils.atomic_folder``, so ``model_dir`` is always either the previous complete export or the new
+    one. ``timm.create_model(f'local-dir:{model_dir}', pretrained=True)`` rebuilds the model (timm records the
+    model args) with these weights.
 
     Args:
         model: the (unwrapped) model; its ``pretrained_cfg`` and model args go to ``config.json``.
@@ -162,26 +156,9 @@ def save_model_dir(
         state_dict: the weights to save (e.g. ``accelerator.get_state_dict(model)`` under FSDP); default the
             model's own.
     """
-    from safetensors.torch import save_file
-    from timm.models._hub import save_config_for_hf
+    from pce_timm.hub.release import write_model_files
 
-    model_dir = Path(model_dir)
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = model.state_dict() if state_dict is None else state_dict
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{model_dir.name}.tmp-', dir=model_dir.parent))
-    try:
-        model_config = {'label_names': list(label_names)} if label_names else None
-        save_file(tensors, str(tmp / 'model.safetensors'), metadata={'format': 'pt'})
-        save_config_for_hf(model, str(tmp / 'config.json'), model_config=model_config, data_config=data_config)
-        old = None
-        if model_dir.exists():
-            old = model_dir.with_name(f'.{model_dir.name}.old-{os.getpid()}')
-            os.replace(model_dir, old)
-        os.replace(tmp, model_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return model_dir
+    model_config = {'label_names': list(label_names)} if label_names else None
+    with atomic_folder(model_dir) as tmp:
+        write_model_files(tmp, model, state_dict=state_dict, model_config=model_config, data_config=data_config)
+    return Path(model_dir)
