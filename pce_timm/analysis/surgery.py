@@ -47,11 +47,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from timm.models._input import update_model_args
 
 from ..layers import PCEConv2d, pce_layers
 from ..layers.routers import CosineRouter, MLPRouter, PositionalRouter, UniformRouter
 from ..layers.routing_stats import _check_counts
+from ..models._timm_compat import get_model_args, record_model_args
 from ..models.pce_resnet import PCEResNet
 
 __all__ = [
@@ -192,9 +192,9 @@ def _reindex_layer(layer: PCEConv2d, index: Sequence[int]) -> None:
 
 def _record(model: PCEResNet, layers: Mapping[str, PCEConv2d], changed: Iterable[str]) -> None:
     """Add the changed layers' expert counts to the model args (what a saved config.json rebuilds from)."""
-    counts = dict(getattr(model, '_model_args', {}).get('expert_counts') or {})
+    counts = dict(get_model_args(model).get('expert_counts') or {})
     counts.update({name: layers[name].num_experts for name in changed})
-    update_model_args(model, expert_counts=counts)
+    record_model_args(model, expert_counts=counts)
 
 
 def prune_experts(

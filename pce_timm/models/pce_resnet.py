@@ -44,7 +44,6 @@ that contradicts the tag's raises a ValueError (the weights could not fit). Use 
 (``pce_resnet18``) to build other architectures.
 """
 import inspect
-from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple, Type, Union
 
@@ -77,8 +76,6 @@ PCE_ARGS_SET_BY_MODEL = frozenset({
     'num_experts', 'top_k', 'router', 'embed_chs', 'capacity_factor', 'gumbel_tau', 'mix_conv', 'attention',
     'patch_size', 'in_chs', 'out_chs', 'kernel_size', 'stride',
 })
-# PCEConv2d takes timm's factory kwargs (device, dtype); without them _create_pce_conv builds and casts.
-_PCE_CONV_FACTORY_KWARGS = {'device', 'dtype'} <= set(inspect.signature(PCEConv2d).parameters)
 
 
 def _check_block_args(
@@ -117,18 +114,9 @@ def _create_pce_conv(
         device=None,
         dtype=None,
 ) -> PCEConv2d:
-    """A 3x3 PCEConv2d whose patches cover ``patch_size`` output pixels, built on ``device`` in ``dtype``.
-
-    ``device`` / ``dtype`` are passed only when given, as timm's factory kwargs where PCEConv2d takes them;
-    a PCEConv2d without them is built under a ``torch.device`` context and cast.
-    """
-    layer_args = dict(kernel_size=3, stride=stride, patch_size=patch_size * stride, **pce_args)
-    dd = {k: v for k, v in (('device', device), ('dtype', dtype)) if v is not None}
-    if not dd or _PCE_CONV_FACTORY_KWARGS:
-        return PCEConv2d(in_chs, out_chs, **layer_args, **dd)
-    with torch.device(device) if device is not None else nullcontext():
-        layer = PCEConv2d(in_chs, out_chs, **layer_args)
-    return layer if dtype is None else layer.to(dtype=dtype)
+    """A 3x3 PCEConv2d whose patches cover ``patch_size`` output pixels, built on ``device`` in ``dtype``."""
+    return PCEConv2d(in_chs, out_chs, kernel_size=3, stride=stride, patch_size=patch_size * stride,
+                     device=device, dtype=dtype, **pce_args)
 
 
 class PCEBasicBlock(nn.Module):
