@@ -117,9 +117,23 @@ $(MIN_STAMP): pyproject.toml Makefile
 	$(MIN_PY) -m pip check
 	touch $@
 
+# The fast tests log to CSV only: this writes TensorBoard events the way the trainer's default tracker does.
+define TENSORBOARD_SMOKE_PY
+import tempfile
+from torch.utils.tensorboard import SummaryWriter
+with tempfile.TemporaryDirectory() as logs:
+    writer = SummaryWriter(logs)
+    writer.add_hparams({'lr': 0.1, 'model': 'pce_resnet18'}, {'top1': 0.5})
+    writer.add_scalar('train/loss', 1.0, 0)
+    writer.close()
+endef
+export TENSORBOARD_SMOKE_PY
+
 test-min: $(MIN_STAMP) sysdeps
 	@echo "==> pytest -m 'not slow' on the declared floors ($(MIN_VENV))"
 	$(MIN_PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+	echo "==> TensorBoard logging (the track extra's floor)"
+	$(MIN_PY) -c "$$TENSORBOARD_SMOKE_PY"
 	echo "==> ruff check . (the dev extra's floor)"
 	$(MIN_PY) -m ruff check .
 
