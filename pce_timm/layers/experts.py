@@ -21,6 +21,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class _ExpertsBatchNorm(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose width is a TorchScript attribute, not a constant.
+
+    The dispatch modules take a layer's experts as an argument typed ``ConvExperts``. TorchScript gives modules
+    with different constants different types, and BatchNorm's ``num_features`` is one of its constants, so
+    experts of different widths would need different types and a scripted model with several PCE widths fails
+    to compile. With the width as an attribute every ``ConvExperts`` (same eps and momentum) shares one type.
+    Same parameters, buffers, state-dict keys and arithmetic as ``nn.BatchNorm2d``.
+    """
+
+    __constants__ = [name for name in nn.BatchNorm2d.__constants__ if name != 'num_features']
+
+
 class ConvExperts(nn.Module):
 
     def __init__(
@@ -44,7 +57,7 @@ class ConvExperts(nn.Module):
         self.stride = stride
         self.momentum = momentum
         self.weight = nn.Parameter(torch.empty(num_experts, out_chs, in_chs, kernel_size, kernel_size, **dd))
-        self.bn = nn.BatchNorm2d(num_experts * out_chs, eps=eps, momentum=momentum, **dd)
+        self.bn = _ExpertsBatchNorm(num_experts * out_chs, eps=eps, momentum=momentum, **dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
