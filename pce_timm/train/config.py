@@ -293,7 +293,3 @@ def flat_hparams(config: Dict[str, Any]) -> Dict[str, Any]:
     for key, value in config.items():
         out[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
     return out
-
-
-def list_of_str(value: Any) -> List[str]:
-    return [value] if isinstance(value, str) else list(value or [])
