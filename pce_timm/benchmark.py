@@ -354,11 +354,6 @@ def timings_to_dict(timings: List[Timing]) -> List[Dict[str, object]]:
     return [asdict(t) for t in timings]
 
 
-def markdown_table(header: List[str], rows: List[List[str]]) -> str:
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    return '\n'.join(lines + ['| ' + ' | '.join(cells) + ' |' for cells in rows])
-
-
 def format_table(timings: List[Timing], columns: List[str], forward: bool = True,
                  variants: Optional[Dict[str, List[Timing]]] = None) -> str:
     """Markdown table of timings; ``columns`` picks keys of ``Timing.info`` to show after the name.
@@ -381,6 +376,7 @@ def format_table(timings: List[Timing], columns: List[str], forward: bool = True
             if forward:
                 cells += [f'{t.forward_ms:.1f}', f'{t.forward_ratio:.2f}']
             rows.append(cells + [f'{t.train_ms:.1f}', f'{t.train_ratio:.2f}'])
+    from .utils import markdown_table  # parent side only (see the module docstring)
     return markdown_table(header, rows)
 
 
@@ -539,6 +535,7 @@ def format_new_over_old(rows: List[Dict[str, object]], forward: bool = True) -> 
             cells += [f"{r['old_forward_ms']:.1f}", f"{r['new_forward_ms']:.1f}", f"{r['forward_new_over_old']:.2f}"]
         cells += [f"{r['old_train_ms']:.1f}", f"{r['new_train_ms']:.1f}", f"{r['train_new_over_old']:.2f}"]
         table.append(cells)
+    from .utils import markdown_table  # parent side only (see the module docstring)
     return markdown_table(header, table)
 
 

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pce_timm  # noqa: F401  (registers the pce_* models)
 
-from .benchmark import Case, Timing, markdown_table
+from .benchmark import Case, Timing
 
 __all__ = ['DEFAULT_MODELS', 'baseline_of', 'count_gmacs', 'model_cases', 'model_goals', 'model_rows',
            'format_model_table']
@@ -116,4 +116,5 @@ def format_model_table(rows: List[Dict[str, object]], processes: List[str] = ())
         table.append([r['model']] + ([processes[i]] if processes else []) + [
             r['baseline'] or '-', f"{r['params_m']:.2f}", f"{r['gmacs']:.2f}",
             f"{r['infer_img_s']:.1f}", ratio(r['infer_x']), f"{r['train_img_s']:.1f}", ratio(r['train_x'])])
+    from .utils import markdown_table  # parent side only (see pce_timm.benchmark's docstring)
     return markdown_table(header, table)

@@ -1,5 +1,5 @@
-"""Helpers that import nothing of pce_timm: the one atomic file writer, the one atomic folder writer, and
-loading a script by path (for the tests).
+"""Helpers that import nothing of pce_timm: the one atomic file writer, the one atomic folder writer, the one
+markdown table, and loading a script by path (for the tests).
 
 Atomic here means a reader (or a crash) never sees half a file or half a folder: everything is written into a
 hidden temporary sibling and renamed into place. Temporaries are created with plain ``open`` / ``mkdir``, unlike
@@ -14,9 +14,9 @@ import sys
 import uuid
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator, Union
+from typing import Iterator, Optional, Sequence, Union
 
-__all__ = ['atomic_file', 'atomic_folder', 'load_module_from_path', 'write_file_atomic']
+__all__ = ['atomic_file', 'atomic_folder', 'load_module_from_path', 'markdown_table', 'write_file_atomic']
 
 PathLike = Union[str, os.PathLike]
 
@@ -83,6 +83,21 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         os.rename(backup, path)
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Optional[str] = None) -> str:
+    """A GitHub-flavoured markdown table of string cells (the package's one: benchmark, reports, model cards).
+
+    ``align`` has one '<' (left, the default) or '>' (right: numbers) per column.
+    """
+    align = align or '<' * len(header)
+    if len(align) != len(header) or set(align) - {'<', '>'}:
+        raise ValueError(f"align: got {align!r}; accepted: one '<' or '>' per column ({len(header)})")
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f'markdown_table: a row has {len(row)} cells for {len(header)} columns: {list(row)}')
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + ''.join('---|' if a == '<' else '---:|' for a in align)]
+    return '\n'.join(lines + ['| ' + ' | '.join(cells) + ' |' for cells in rows])
 
 
 def load_module_from_path(path: PathLike, name: str) -> ModuleType:

@@ -42,6 +42,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from ..utils import markdown_table
+
 __all__ = ['SCHEMA_VERSION', 'build_stats', 'read_stats', 'write_report', 'write_stats']
 
 SCHEMA_VERSION = 1
@@ -131,9 +133,7 @@ def _cell(value: Any) -> str:
 
 
 def _table(header: List[str], rows: List[List[Any]]) -> str:
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    lines += ['| ' + ' | '.join(_cell(v) for v in row) + ' |' for row in rows]
-    return '\n'.join(lines) + '\n'
+    return markdown_table(header, [[_cell(v) for v in row] for row in rows]) + '\n'
 
 
 def _layer_sections(layers: Mapping[str, Mapping[str, Any]]) -> List[str]:

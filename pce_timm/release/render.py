@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from timm.models import get_pretrained_cfg
 
-from pce_timm.utils import write_file_atomic
+from pce_timm.utils import markdown_table, write_file_atomic
 
 from .cards import CARD_DIR, CardDataError, ModelEntry, default_card_files, find_entry, load_entries
 
@@ -153,31 +153,27 @@ def _registered_cfg(entry: ModelEntry):
 
 
 def _results_table(entry: ModelEntry) -> List[str]:
-    rows = ['| Dataset | Split | Image size | Top-1 (%) | Top-5 (%) |', '|---|---|---:|---:|---:|']
-    for r in entry.results:
-        top5 = f'{r.top5.value:.2f}' if r.top5 else '-'
-        rows.append(f'| {r.dataset_name} | {r.split} | {r.img_size} | {r.top1.value:.2f} | {top5} |')
-    return rows
+    rows = [[r.dataset_name, r.split, str(r.img_size), f'{r.top1.value:.2f}', f'{r.top5.value:.2f}' if r.top5 else '-']
+            for r in entry.results]
+    return markdown_table(['Dataset', 'Split', 'Image size', 'Top-1 (%)', 'Top-5 (%)'], rows, '<<>>>').split('\n')
 
 
 def _routing_table(entry: ModelEntry) -> List[str]:
     stats = _unique([k for r in entry.results for k in r.routing])
-    rows = ['| Dataset | Split | ' + ' | '.join(_routing_label(k) for k in stats) + ' |',
-            '|---|---|' + '---:|' * len(stats)]
-    for r in entry.results:
-        values = [_stat(k, r.routing[k].value) if k in r.routing else '-' for k in stats]
-        rows.append(f'| {r.dataset_name} | {r.split} | ' + ' | '.join(values) + ' |')
-    return rows
+    rows = [[r.dataset_name, r.split] + [_stat(k, r.routing[k].value) if k in r.routing else '-' for k in stats]
+            for r in entry.results]
+    header = ['Dataset', 'Split'] + [_routing_label(k) for k in stats]
+    return markdown_table(header, rows, '<<' + '>' * len(stats)).split('\n')
 
 
 def _baseline_table(entry: ModelEntry) -> List[str]:
     b, r = entry.baseline, entry.results[0]
+    cells = [[name, f'{top1.value:.2f}', f'{top5.value:.2f}' if top5 else '-', f'{params.value:.2f}', _gmacs(gmacs.value)]
+             for name, top1, top5, params, gmacs in (
+                 (entry.name, r.top1, r.top5, entry.params_m, entry.gmacs),
+                 (b.name, b.top1, b.top5, b.params_m, b.gmacs))]
     rows = [f'Trained and evaluated like {entry.name} ({r.dataset_name} {r.split}, {r.img_size} px): {b.summary}', '',
-            '| Model | Top-1 (%) | Top-5 (%) | Params (M) | GMACs |', '|---|---:|---:|---:|---:|']
-    for name, top1, top5, params, gmacs in (
-            (entry.name, r.top1, r.top5, entry.params_m, entry.gmacs), (b.name, b.top1, b.top5, b.params_m, b.gmacs)):
-        rows.append(f'| {name} | {top1.value:.2f} | {f"{top5.value:.2f}" if top5 else "-"} | '
-                    f'{params.value:.2f} | {_gmacs(gmacs.value)} |')
+            *markdown_table(['Model', 'Top-1 (%)', 'Top-5 (%)', 'Params (M)', 'GMACs'], cells, '<>>>>').split('\n')]
     if b.training.get('command'):
         rows += ['', f'Dense baseline command: {_code(b.training["command"])}'
                  + (f' ({b.training["time"]})' if b.training.get('time') else '')]
@@ -251,15 +247,14 @@ def render_model_table(entries: Sequence[ModelEntry]) -> str:
     stats = _unique([k for e in listed for k in e.results[0].routing])
     header = ['Model', 'Top-1 (%)', 'Top-5 (%)', 'Params (M)', 'GMACs', 'Image size'] + [
         _routing_label(k) for k in stats]
-    rows = ['| ' + ' | '.join(header) + ' |', '|---|' + '---:|' * (len(header) - 1)]
+    rows = []
     for e in listed:
         r = e.results[0]
-        cells = [
+        rows.append([
             f'[{e.name}]({HUB_URL}/{e.repo_id})', f'{r.top1.value:.2f}', f'{r.top5.value:.2f}' if r.top5 else '-',
             f'{e.params_m.value:.2f}', _gmacs(e.gmacs.value), str(r.img_size),
-        ] + [_stat(k, r.routing[k].value) if k in r.routing else '-' for k in stats]
-        rows.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(rows)
+        ] + [_stat(k, r.routing[k].value) if k in r.routing else '-' for k in stats])
+    return markdown_table(header, rows, '<' + '>' * (len(header) - 1))
 
 
 def inject_model_table(readme: str, table: str, readme_path: Path = Path('README.md')) -> str:
