@@ -168,7 +168,8 @@ def _routing_table(entry: ModelEntry) -> List[str]:
 
 def _baseline_table(entry: ModelEntry) -> List[str]:
     b, r = entry.baseline, entry.results[0]
-    cells = [[name, f'{top1.value:.2f}', f'{top5.value:.2f}' if top5 else '-', f'{params.value:.2f}', _gmacs(gmacs.value)]
+    cells = [[name, f'{top1.value:.2f}', f'{top5.value:.2f}' if top5 else '-', f'{params.value:.2f}',
+              _gmacs(gmacs.value)]
              for name, top1, top5, params, gmacs in (
                  (entry.name, r.top1, r.top5, entry.params_m, entry.gmacs),
                  (b.name, b.top1, b.top5, b.params_m, b.gmacs))]
