@@ -132,7 +132,7 @@ def test_write_release_is_complete_and_deterministic(tmp_path, model, card, rele
     config = json.loads((release / 'config.json').read_text())
     assert config['architecture'] == 'test_resnet'
     assert config['num_classes'] == model.num_classes and config['num_features'] == model.num_features
-    assert config['model_args']['num_classes'] == model.num_classes
+    assert 'num_classes' not in config['model_args']  # top level only: transformers' TimmWrapper passes its own
     assert config['pretrained_cfg']['input_size'] == [3, 160, 160]
     assert (release / 'README.md').read_text() == card
     with open(release / 'model.safetensors', 'rb') as f:  # safetensors framing, no pickle
@@ -345,7 +345,7 @@ def _garble(run_dir: Path) -> str:
 def _wrong_num_classes(run_dir: Path) -> str:
     path = run_dir / 'model' / 'config.json'
     config = json.loads(path.read_text())
-    config['num_classes'] = config['model_args']['num_classes'] = config['pretrained_cfg']['num_classes'] = 10
+    config['num_classes'] = config['pretrained_cfg']['num_classes'] = 10
     path.write_text(json.dumps(config))
     return r'(?s)num_classes=10.*shape mismatch: fc\.bias: checkpoint \(1000,\) vs model \(10,\)'
 

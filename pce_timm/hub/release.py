@@ -341,6 +341,10 @@ def _write_config(
         raise ReleaseError(f'cannot describe the model in config.json: {e}') from e
     # canonical text (timm leaves no final newline); key order is timm's and stable
     config = json.loads(path.read_text(encoding='utf-8'))
+    # timm reads num_classes from the top level; a second copy in model_args makes Hugging Face transformers'
+    # TimmWrapper (which passes num_classes=num_labels itself) fail with "multiple values for 'num_classes'"
+    if config.get('model_args', {}).get('num_classes') == config.get('num_classes'):
+        config['model_args'].pop('num_classes', None)
     _write_bytes(path, (json.dumps(config, indent=2) + '\n').encode('utf-8'))
 
 
