@@ -30,7 +30,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 ENV_SWITCH = 'PCE_TIMM_MALLOC_TUNING'  # the same switch as pce_timm.runtime's
 HARNESS_FILES = ('benchmark.py', 'benchmark_models.py')  # copied into an old tree by git_worktree
@@ -123,9 +122,11 @@ def time_cases(
         desc: str = 'timing',
 ) -> List[Timing]:
     """Median forward and training-step time of each case, interleaved, in this process."""
+    from .progress import progress_bar  # parent side only (see the module docstring)
+
     timer = CaseTimer(cases, make_input)
     samples = {case.name: [] for case in cases}
-    for step in tqdm(range(warmup + rounds), desc=desc, leave=False):
+    for step in progress_bar(range(warmup + rounds), desc=desc, leave=False):
         times = timer.round()
         if step >= warmup:
             for name, sample in times.items():
@@ -489,7 +490,9 @@ def time_variants(spec: Dict[str, object], variants: List[Variant], rounds: int 
             workers.append(_Worker(variant, spec))
         samples = [{case['name']: [] for case in w.meta['cases']} for w in workers]
         order = list(range(len(workers)))
-        for step in tqdm(range(warmup + rounds), desc=desc, leave=False):
+        from .progress import progress_bar  # parent side only (see the module docstring)
+
+        for step in progress_bar(range(warmup + rounds), desc=desc, leave=False):
             for i in (order if step % 2 == 0 else order[::-1]):
                 times = workers[i].request('round')
                 if step >= warmup:

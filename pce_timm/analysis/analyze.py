@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from timm.data import resolve_data_config
-from tqdm import tqdm
 
 from ..layers import PCEConv2d, pce_layers
+from ..progress import progress_bar
 from .figures import (
     plot_assignment_overview,
     plot_class_usage,
@@ -159,7 +159,7 @@ def analyze_model(
     try:
         for layer in layers.values():
             layer.track_routing = True  # the recorders read each forward's routing from the layers
-        with tqdm(total=num_images, desc='routing', unit='img', disable=not progress) as bar:
+        with progress_bar(total=num_images, desc='routing', unit='img', disable=not progress) as bar:
             for images, labels in loader:
                 images, labels = images[:num_images - seen], labels[:num_images - seen]
                 model(images.to(device))

@@ -12,9 +12,9 @@ import torch.nn as nn
 from accelerate import Accelerator
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from tqdm.auto import tqdm
 
 from pce_timm.layers import AuxLossWeights, collect_aux_loss, pce_layers
+from pce_timm.progress import progress_bar
 
 from .checkpoint import NonFiniteLossError
 from .config import AugmentConfig, LossConfig
@@ -123,7 +123,7 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
     phase, _ = ctx.phases.update(epoch + state.batch_in_epoch / num_batches)
     state.phase = phase.name
     set_lr(ctx.scheduler, ctx.optimizer, epoch, state.update)
-    bar = tqdm(loader, total=num_batches, initial=state.batch_in_epoch,
+    bar = progress_bar(loader, total=num_batches, initial=state.batch_in_epoch,
                desc=f'train {epoch + 1}/{cfg.schedule.epochs}',
                disable=not (cfg.log.progress and acc.is_local_main_process), dynamic_ncols=True, leave=False)
     for x, y in bar:
@@ -195,7 +195,7 @@ def evaluate(
     start = time.time()
     device = next(model.parameters()).device if accelerator is None else None
     main = accelerator is None or accelerator.is_local_main_process
-    bar = tqdm(loader, desc=desc, disable=not (progress and main), dynamic_ncols=True, leave=False)
+    bar = progress_bar(loader, desc=desc, disable=not (progress and main), dynamic_ncols=True, leave=False)
     for x, y in bar:
         if accelerator is None:
             if max_images is not None:

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--checkpoint-steps', type=int, default=None,
                        help='also save every N optimizer updates (exact mid-epoch resume needs --workers 0)')
     group.add_argument('--checkpoint-limit', type=int, default=2, help='keep the N newest checkpoints')
-    group.add_argument('--progress', type=_bool, nargs='?', const=True, default=True, help='tqdm progress bars')
+    group.add_argument('--progress', type=_bool, nargs='?', const=True, default=True,
+                       help='progress bars: live on a terminal, a line every 30 s in a log file (pce_timm.progress)')
     return parser
 
 

@@ -7,10 +7,10 @@ from typing import Dict, Iterable, List
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from pce_timm.layers import CosineRouter, pce_layers
 from pce_timm.layers.routing_stats import layer_top1
+from pce_timm.progress import progress_bar
 
 __all__ = ['init_router_keys', 'fit_router_keys', 'ema_update_keys']
 
@@ -79,7 +79,7 @@ def fit_router_keys(model: nn.Module, loader, num_batches: int, seed: int, devic
     if not any(hasattr(m.router, 'init_keys') for m in pce_layers(model).values()):
         return {}
     batches = []
-    for i, (x, _) in enumerate(tqdm(loader, total=min(num_batches, len(loader)), desc='key init (K-Means)',
+    for i, (x, _) in enumerate(progress_bar(loader, total=min(num_batches, len(loader)), desc='key init (K-Means)',
                                     disable=not progress, leave=False)):
         if i >= num_batches:
             break
