@@ -338,6 +338,13 @@ def test_subset_and_voc_without_image_sets(small_voc, caplog):
     assert 'no ImageSets/Segmentation/: using all 12 images' in caplog.text
 
 
+@needs_fmnist
+def test_empty_split_is_an_error(small_voc):
+    (small_voc / 'ImageSets' / 'Main' / 'val.txt').write_text('\n')
+    with pytest.raises(DenseDataError, match=r"Main/val.txt gives no images for split 'val'"):
+        VOCDetection(small_voc, 'val')
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Camelyon tiles and PCam
 
