@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from ..progress import progress_bar
 from ..utils import atomic_folder
 from .registry import FASHION_MNIST_CLASSES, DatasetNotFoundError
 from .sources import idx_dirs, read_idx
@@ -274,7 +274,7 @@ def _write_split(year_dir: Path, split: str, count: int, cfg: ComposeConfig, pro
     palette = voc_palette()
     split_id = SPLITS.index(split)
     stems, objects, per_class = [], 0, Counter()
-    for index in tqdm(range(count), desc=f'composing {split}', unit='canvas', disable=not progress):
+    for index in progress_bar(range(count), desc=f'composing {split}', unit='canvas', disable=not progress):
         rng = np.random.default_rng([cfg.seed, split_id, index])
         canvas = compose_canvas(items, item_labels, rng, cfg)
         stem = f'{split}_{index:06d}'
