@@ -6,8 +6,12 @@
 
 Input: a run folder (model/config.json + model/model.safetensors, optional results.json), a timm-style folder
 (config.json + model.safetensors) or a .safetensors file next to a config.json. The weights are checked against
-the architecture before anything is written. The model card is rendered from the model_cards/*.yaml entry whose
-repo_id is ORG/NAME (pce_timm.release.render); a --dry-run without one gets a minimal card and a warning.
+the architecture before anything is written, and non-finite weights are refused. The model card is the
+model_cards/*.yaml entry whose repo_id is ORG/NAME (pce_timm.release.render), pushed only when its top-1 / top-5
+are these weights' own (an eval_results.json, eval-*.json or the run's results.json next to them on the card's
+dataset and split; otherwise the push is refused with both numbers). Without an entry, the card is built from
+the run's results.json and config (pce_timm.release.claims); a --dry-run with neither gets a minimal card.
+The run's records (results.json, evaluations, config.yaml) are shipped with the weights.
 
 --dry-run OUT_DIR writes the release folder there and uploads nothing; --install-cache also installs it into
 the HF cache as ORG/NAME so `timm.create_model('hf-hub:ORG/NAME', pretrained=True)` works offline. A real push
@@ -25,6 +29,7 @@ from huggingface_hub import get_token
 
 from pce_timm import hub
 from pce_timm.release import CardDataError
+from pce_timm.release.claims import shipped_evaluations, shipped_records
 from pce_timm.release.render import card_for_checkpoint
 
 
@@ -37,11 +42,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    '(or use --dry-run OUT_DIR to only write the release).')
         source = hub.find_release_source(args.source)
         model = hub.load_model_from_source(source)
+        evaluations = shipped_evaluations(source)
         card, extras, found = card_for_checkpoint(
-            args.repo_id, model.pretrained_cfg['architecture'], args.cards, allow_minimal=bool(args.dry_run))
+            args.repo_id, model.pretrained_cfg['architecture'], args.cards, allow_minimal=bool(args.dry_run),
+            evaluations=evaluations)
+        records = shipped_records(source, evaluations)
         if not found:
-            print(f'warning: no model card entry for {args.repo_id!r}; writing a minimal card.', file=sys.stderr)
-        extras = {hub.RESULTS_NAME: source.results_path, **extras} if source.results_path else extras
+            built = 'a card from the run\'s results.json' if hub.RESULTS_NAME in records else 'a minimal card'
+            print(f'note: no model card entry for {args.repo_id!r}; writing {built}.', file=sys.stderr)
+        extras = {**records, **extras}
         with tempfile.TemporaryDirectory(prefix='pce-release-') as tmp:
             release_dir = hub.write_release(
                 model, args.dry_run or Path(tmp) / 'release', model_card=card, extra_files=extras)

@@ -70,8 +70,16 @@ def run_dir(tmp_path, release):
     (run / 'model').mkdir(parents=True)
     for name in ('config.json', 'model.safetensors'):
         (run / 'model' / name).write_bytes((release / name).read_bytes())
-    (run / 'results.json').write_text('{"top1": 58.31}\n')
+    _write_results(run, top1=58.31, top5=81.07)  # what the example card claims
     return run
+
+
+def _write_results(run: Path, top1: float, top5: float, split: str = 'validation', **extra) -> Path:
+    """A run's results.json (the keys scripts/train.py writes that cards read)."""
+    record = {'status': 'completed', 'model': 'test_resnet', 'dataset': 'imagenet-1k', 'eval_split': split,
+              'top1': top1, 'top5': top5, 'epochs': 3, 'num_params': 1234, **extra}
+    (run / 'results.json').write_text(json.dumps(record) + '\n')
+    return run / 'results.json'
 
 
 @pytest.fixture
@@ -468,3 +476,84 @@ def test_push_to_a_branch_of_a_private_repo(fake_hub, release):
     assert not push_release(release, 'pce-test/private', token=TOKEN, revision='v1').changed
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download('pce-test/private', 'config.json', revision='v1', token=False)
+
+
+# ---------------------------------------------------------------- what a pushed card may claim (issue 15)
+
+def test_push_refuses_a_card_its_weights_do_not_support(tmp_path, run_dir, capsys):
+    _write_results(run_dir, top1=11.7, top5=52.0)  # a 1-epoch run pushed under the release's repo id
+    code = push_cli.main([str(run_dir), '--repo-id', EXAMPLE_REPO, '--cards', str(EXAMPLE_YAML),
+                          '--dry-run', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith('error: refusing to publish a card that its weights do not support')
+    assert 'claims top-1 58.31, top-5 81.07 on ImageNet-1k validation' in err
+    assert 'give top-1 11.70, top-5 52.00 on imagenet-1k/validation' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_fresh_evaluation_next_to_the_weights_is_what_counts(tmp_path, run_dir, capsys):
+    _write_results(run_dir, top1=11.7, top5=52.0)
+    evaluation = {'dataset': 'imagenet-1k', 'split': 'validation', 'top1': 58.312, 'top5': 81.07}
+    (run_dir / 'eval-imagenet-1k-validation.json').write_text(json.dumps(evaluation))  # scripts/evaluate.py
+    assert push_cli.main([str(run_dir), '--repo-id', EXAMPLE_REPO, '--cards', str(EXAMPLE_YAML),
+                          '--dry-run', str(tmp_path / 'out')]) == 0
+    assert (tmp_path / 'out' / 'eval-imagenet-1k-validation.json').is_file()
+
+
+@pytest.mark.parametrize('split', ['train', None])
+def test_push_without_an_evaluation_on_the_cards_split_is_refused(tmp_path, run_dir, split, capsys):
+    if split is None:
+        (run_dir / 'results.json').unlink()
+    else:
+        _write_results(run_dir, top1=58.31, top5=81.07, split=split)
+    code = push_cli.main([str(run_dir), '--repo-id', EXAMPLE_REPO, '--cards', str(EXAMPLE_YAML),
+                          '--dry-run', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert code == 2 and 'have no evaluation there' in err and 'scripts/evaluate.py' in err
+    assert ('on imagenet-1k/train' in err) if split else ('none (no results.json' in err)
+
+
+def test_a_run_without_a_card_entry_gets_a_card_from_its_own_results(tmp_path, run_dir, capsys):
+    routing = {'layer3.0.conv1': {'usage_entropy': 0.98, 'imbalance': 1.31, 'dead_experts': []}}
+    config = {'model': 'test_resnet', 'dataset': 'imagenet-1k', 'epochs': 3, 'lr': 0.004, 'num_experts': 4}
+    _write_results(run_dir, top1=71.25, top5=90.5, routing=routing, config=config)
+    (run_dir / 'config.yaml').write_text(yaml.safe_dump(config))
+    assert push_cli.main([str(run_dir), '--repo-id', 'someone/my-finetune', '--dry-run', str(tmp_path / 'out')]) == 0
+    assert "writing a card from the run's results.json" in capsys.readouterr().err
+    card = ModelCard((tmp_path / 'out' / 'README.md').read_text())
+    (result,) = [r for r in card.data.eval_results if r.metric_type == 'accuracy']
+    assert result.metric_value == 71.25 and result.dataset_split == 'validation'
+    assert '| imagenet-1k | validation | 71.25 | 90.50 | 3 | 1,234 |' in card.text
+    assert '| layer3.0.conv1 | 0.980 | 1.310 | 0 |' in card.text
+    assert '| lr | `0.004` |' in card.text and 'No model card data yet' not in card.text
+    assert (tmp_path / 'out' / 'config.yaml').read_text() == (run_dir / 'config.yaml').read_text()
+
+
+def test_non_finite_weights_are_never_released(tmp_path, run_dir, model, card, capsys):
+    path = run_dir / 'model' / 'model.safetensors'
+    tensors = safetensors.torch.load_file(path)
+    tensors['fc.weight'][0, :3] = torch.tensor([float('nan'), float('inf'), 1.0])
+    safetensors.torch.save_file(tensors, path)
+    code = push_cli.main([str(run_dir), '--repo-id', EXAMPLE_REPO, '--cards', str(EXAMPLE_YAML),
+                          '--dry-run', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert code == 2 and 'weights hold NaN / inf values in fc.weight (2)' in err and not (tmp_path / 'out').exists()
+
+    broken = timm.create_model('test_resnet')
+    with torch.no_grad():
+        broken.fc.bias.fill_(float('nan'))
+    with pytest.raises(ReleaseError, match=r'NaN / inf values in fc\.bias \(\d+\)'):
+        write_release(broken, tmp_path / 'broken', model_card=card)
+    assert not (tmp_path / 'broken').exists()
+
+
+def test_install_replaces_a_corrupted_blob_of_the_same_size(tmp_path, hf_home, model, release, monkeypatch):
+    snapshot = install_into_hf_cache(release, TIMM_REPO)
+    blob = (snapshot / 'model.safetensors').resolve()
+    data = bytearray(blob.read_bytes())
+    data[-8:] = b'\xff' * 8  # the last weights' bytes: NaNs, the size unchanged
+    blob.write_bytes(bytes(data))
+    assert install_into_hf_cache(release, TIMM_REPO) == snapshot
+    assert blob.read_bytes() == (release / 'model.safetensors').read_bytes()
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    _assert_same_weights(timm.create_model(f'hf-hub:{TIMM_REPO}', pretrained=True), model)

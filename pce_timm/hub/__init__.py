@@ -20,9 +20,11 @@ from .release import (
     WEIGHTS_NAME,
     ReleaseError,
     ReleaseSource,
+    check_finite,
     check_safetensors,
     find_release_source,
     load_model_from_source,
+    non_finite_tensors,
     release_files,
     state_dict_to_safetensors,
     write_model_files,
@@ -31,9 +33,10 @@ from .release import (
 
 __all__ = [
     'CARD_NAME', 'CONFIG_NAME', 'EVAL_RESULTS_NAME', 'PCE_HUB_ORG', 'PUSH_ERRORS', 'RESULTS_NAME', 'WEIGHTS_NAME',
-    'MissingWeightsError', 'PushResult', 'ReleaseError', 'ReleaseSource', 'check_safetensors',
+    'MissingWeightsError', 'PushResult', 'ReleaseError', 'ReleaseSource', 'check_finite', 'check_safetensors',
     'explain_missing_weights', 'file_etag', 'find_release_source', 'git_blob_sha1', 'hf_cache_dir', 'hub_id',
-    'install_into_hf_cache', 'load_model_from_source', 'load_pretrained_or_explain', 'push_release',
+    'install_into_hf_cache', 'load_model_from_source', 'load_pretrained_or_explain', 'non_finite_tensors',
+    'push_release',
     'release_commit_hash', 'release_files', 'split_revision', 'state_dict_to_safetensors', 'weights_repo_for',
     'write_model_files', 'write_release',
 ]

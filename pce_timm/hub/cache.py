@@ -35,7 +35,7 @@ from pce_timm.utils import atomic_file, write_file_atomic
 
 from .release import ReleaseError, release_files
 
-__all__ = ['install_into_hf_cache', 'file_etag', 'git_blob_sha1', 'release_commit_hash', 'hf_cache_dir']
+__all__ = ['install_into_hf_cache', 'blob_intact', 'file_etag', 'git_blob_sha1', 'release_commit_hash', 'hf_cache_dir']
 
 # Suffixes of the Hub's default .gitattributes: these always go to LFS / Xet.
 _LFS_SUFFIXES = (
@@ -143,9 +143,20 @@ def _hash_file(digest, path: Path) -> str:
     return digest.hexdigest()
 
 
+def blob_intact(blob: Union[str, os.PathLike]) -> bool:
+    """Whether a cache blob's content still hashes to its name (sha256 for LFS files, git blob sha1 else)."""
+    blob = Path(blob)
+    if not blob.is_file():
+        return False
+    if len(blob.name) == 64:
+        return _hash_file(hashlib.sha256(), blob) == blob.name
+    return git_blob_sha1(blob) == blob.name
+
+
 def _install_blob(src: Path, blob: Path) -> None:
-    """Copy ``src`` to ``blob`` atomically; an existing blob of the right size is kept."""
-    if blob.is_file() and blob.stat().st_size == src.stat().st_size:
+    """Copy ``src`` to ``blob`` atomically; an existing blob is kept only if its content matches its name (a
+    same-size corrupted copy is replaced)."""
+    if blob_intact(blob):
         return
     with atomic_file(blob) as tmp:
         shutil.copyfile(src, tmp)

@@ -37,7 +37,7 @@ from pce_timm.utils import atomic_folder
 __all__ = [
     'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'RESULTS_NAME', 'EVAL_RESULTS_NAME', 'ReleaseError', 'ReleaseSource',
     'write_release', 'find_release_source', 'load_model_from_source', 'check_safetensors', 'release_files',
-    'state_dict_to_safetensors', 'write_model_files',
+    'state_dict_to_safetensors', 'write_model_files', 'check_finite', 'non_finite_tensors',
 ]
 
 CONFIG_NAME = 'config.json'
@@ -116,6 +116,7 @@ def write_release(
         raise ReleaseError(
             f'{type(model).__name__} has no pretrained_cfg, so timm cannot describe it in config.json. '
             f'Build it with timm.create_model(...) before writing a release.')
+    check_finite(model.state_dict(), f'{type(model).__name__} (the model to release)')
     with atomic_folder(out_dir) as tmp_dir:
         write_model_files(tmp_dir, model, model_config=model_config, model_args=model_args, data_config=data_config)
         _write_bytes(tmp_dir / CARD_NAME, model_card.encode('utf-8'))
@@ -220,8 +221,35 @@ def load_model_from_source(source: ReleaseSource) -> torch.nn.Module:
         state_dict = safetensors.torch.load_file(source.weights_path, device='cpu')
     except (SafetensorError, OSError) as e:
         raise ReleaseError(f'{source.weights_path}: cannot be read as safetensors ({e}). Re-export it.') from e
+    check_finite(state_dict, str(source.weights_path))
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
+
+
+def non_finite_tensors(state_dict: Mapping[str, Any]) -> Dict[str, int]:
+    """``{name: number of NaN / inf values}`` of the floating-point tensors of a state dict that hold any."""
+    bad = {}
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not tensor.is_meta:
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad[name] = count
+    return bad
+
+
+def check_finite(state_dict: Mapping[str, Any], where: str) -> None:
+    """Refuse weights holding NaN / inf (a training blow-up): nothing built from them is worth publishing.
+
+    Raises:
+        ReleaseError: naming ``where`` and the tensors (with how many values are not finite).
+    """
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        listed = ', '.join(f'{name} ({count})' for name, count in list(bad.items())[:_MAX_LISTED])
+        more = f', ... ({len(bad)} tensors in all)' if len(bad) > _MAX_LISTED else ''
+        raise ReleaseError(
+            f'{where}: weights hold NaN / inf values in {listed}{more}. These weights come from a run that blew up; '
+            f'release an earlier, finite checkpoint (scripts/train.py --resume PATH to retrain from one).')
 
 
 def check_safetensors(path: Union[str, os.PathLike]) -> Dict[str, Dict[str, Any]]:

@@ -14,6 +14,7 @@ from timm.models import get_pretrained_cfg
 from pce_timm.utils import markdown_table, write_file_atomic
 
 from .cards import CARD_DIR, CardDataError, ModelEntry, default_card_files, find_entry, load_entries
+from .claims import Evaluation, check_card_claims, data_card
 
 __all__ = [
     'BASE_TAGS', 'HUB_URL', 'TABLE_END', 'TABLE_START', 'card_assets', 'card_for_checkpoint', 'inject_model_table',
@@ -274,6 +275,7 @@ def card_for_checkpoint(
         cards: Optional[Sequence[Path]] = None,
         *,
         allow_minimal: bool = False,
+        evaluations: Optional[Sequence[Evaluation]] = None,
 ) -> Tuple[str, Dict[str, Path], bool]:
     """The README.md and linked files for pushing a checkpoint of ``arch`` as ``repo_id``.
 
@@ -281,26 +283,38 @@ def card_for_checkpoint(
         repo_id: the entry's repo_id (``org/name``).
         arch: the checkpoint's architecture; must be the entry's model.
         cards: family YAML files (default: ``model_cards/*.yaml``).
-        allow_minimal: without an entry, return :func:`minimal_card` instead of raising.
+        allow_minimal: without an entry and without the run's results.json, return :func:`minimal_card`
+            instead of raising.
+        evaluations: what the checkpoint's own records measured (:func:`.claims.shipped_evaluations`); None
+            skips the checks (rendering a card without weights at hand).
 
     Returns:
-        ``(card text, {repo path: local file}, whether an entry was found)``.
+        ``(card text, {repo path: local file}, whether an entry was found)``. With an entry: its card, once
+        :func:`.claims.check_card_claims` found its numbers in ``evaluations``. Without one: a data-first card
+        from the run's results.json (:func:`.claims.data_card`) when there is one.
 
     Raises:
-        CardDataError: no entry (and not ``allow_minimal``), or the entry describes another architecture.
+        CardDataError: the entry describes another architecture or claims numbers the checkpoint does not have;
+            no entry, no results.json and not ``allow_minimal``.
     """
     entries = load_entries(cards or default_card_files())
     entry = find_entry(entries, repo_id)
     if entry is None:
+        runs = [e for e in evaluations or () if e.path.name == 'results.json' and 'config' in e.record]
+        if runs:
+            return data_card(repo_id, arch, runs[0], runs[0].record['config']), {}, False
         if not allow_minimal:
             raise CardDataError(
-                f'no model card entry with repo_id {repo_id!r} in model_cards/*.yaml; add one (see '
+                f'no model card entry with repo_id {repo_id!r} in model_cards/*.yaml and no results.json of a '
+                f'training run next to the weights to build a card from; push the run folder, or add an entry (see '
                 f'model_cards/example.yaml) before pushing.')
         return minimal_card(repo_id, arch), {}, False
     if entry.model != arch:
         raise CardDataError(
             f'{entry.source}: the entry for {repo_id!r} describes {entry.model!r} but the checkpoint is a {arch!r}; '
             f'fix --repo-id or the card entry.')
+    if evaluations is not None:
+        check_card_claims(entry, evaluations)
     return render_hub_card(entry), card_assets(entry), True
 
 
@@ -309,7 +323,8 @@ def minimal_card(repo_id: str, arch: str) -> str:
     return '\n'.join([
         '---', 'library_name: timm', 'pipeline_tag: image-classification', 'tags:', '- image-classification',
         '- timm', '---', '', f'# {repo_id}', '',
-        f'A `{arch}` checkpoint. No model card data yet: add an entry to model_cards/<family>.yaml.', '',
+        f'A `{arch}` checkpoint. No model card data yet: push the training run folder (its results.json '
+        f'becomes the card) or add an entry to model_cards/<family>.yaml.', '',
         '```python', 'import timm', 'import pce_timm', '',
         f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)", '```', ''])
 
