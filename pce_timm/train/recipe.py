@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('run')
     group.add_argument('--output-dir', default=None, help='run folder (default: runs/<model>-<dataset>)')
     group.add_argument('--resume', default=None, help="'auto' (latest checkpoint of --output-dir, if any), "
-                       'a run folder or a checkpoint folder')
+                       'a run folder or a checkpoint folder; checkpoints are unpickled: resume only your own or '
+                       'trusted ones')
     group.add_argument('--seed', type=int, default=42)
     group.add_argument('--mixed-precision', default='no', choices=MIXED_PRECISION)
     group.add_argument('--log-with', nargs='*', default=['csv', 'tensorboard'],
