@@ -72,6 +72,7 @@ class DataConfig:
     dataset: str
     data_dir: Optional[str]
     eval_split: str
+    val_fraction: Optional[float]
     max_train_samples: Optional[int]
     max_eval_samples: Optional[int]
     workers: int

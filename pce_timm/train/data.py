@@ -23,11 +23,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pce_timm.data import create_dataset_transform, create_loader, dataset_info, load_image_dataset, subset_indices
+from pce_timm.data.sources import stratified_split_indices
 
 from .config import AugmentConfig, DataConfig
 
 __all__ = ['EpochSampler', 'SeededAugmentDataset', 'create_train_loader', 'DataBundle', 'data_config', 'load_data',
-           'build_transforms', 'build_loaders']
+           'build_transforms', 'build_loaders', 'holdout_split']
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant: spreads (seed, epoch, index) over 63 bits
 
@@ -174,11 +175,28 @@ def load_data(data: DataConfig, splits: Iterable[str] = ('train', 'eval')) -> Da
             where it looked and how to provide the data).
     """
     bundle = DataBundle(data)
+    if data.val_fraction is not None:  # the eval split is held out of the training split
+        train, held_out = holdout_split(load_image_dataset(data.dataset, 'train', data.data_dir), data.val_fraction)
+        bundle.train = train if 'train' in splits else None
+        bundle.eval = held_out if 'eval' in splits else None
+        return bundle
     if 'train' in splits:
         bundle.train = load_image_dataset(data.dataset, 'train', data.data_dir)
     if 'eval' in splits:
         bundle.eval = load_image_dataset(data.dataset, data.eval_split, data.data_dir)
     return bundle
+
+
+def holdout_split(dataset: datasets.Dataset, fraction: float) -> Tuple[datasets.Dataset, datasets.Dataset]:
+    """(rest, held out): every ``round(1 / fraction)``-th image of each class, in dataset order, is held out.
+
+    No random numbers: the same images on every machine, seed and library version, stratified by class, so a
+    validation split (``--val-fraction``) never overlaps the images trained on.
+    """
+    every = max(2, round(1 / fraction))
+    held_out = stratified_split_indices(np.asarray(dataset['label']), 'test', test_every=every)
+    rest = np.setdiff1d(np.arange(len(dataset)), held_out)
+    return dataset.select(rest.tolist()), dataset.select(held_out.tolist())
 
 
 def build_transforms(augment: AugmentConfig, bundle: DataBundle) -> Tuple[Callable, Callable]:

@@ -22,6 +22,7 @@ __all__ = ['RecipeError', 'CONFIG_FILE', 'MIXED_PRECISION', 'TRACKERS', 'build_p
 
 CONFIG_FILE = 'config.yaml'
 MIXED_PRECISION = ('no', 'fp16', 'bf16')
+HOLDOUT_SPLIT = 'train-holdout'  # the eval split of a run with --val-fraction: held out of the training split
 TRACKERS = ('csv', 'tensorboard', 'wandb', 'mlflow', 'aim', 'comet_ml', 'clearml', 'dvclive', 'swanlab', 'trackio')
 
 
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--dataset', default=None, help='dataset name (pce_timm.data.list_datasets())')
     group.add_argument('--data-dir', default=None, help='local folder holding the dataset (else searched)')
     group.add_argument('--eval-split', default='test', help='split evaluated after each epoch and at the end')
+    group.add_argument('--val-fraction', type=float, default=None,
+                       help="hold out this share of each class of the training split (every round(1/f)-th image, no "
+                            "randomness) and evaluate on it instead of --eval-split (recorded as 'train-holdout'): "
+                            'choose recipes on it, report the test split only (scripts/evaluate.py, sweep.py)')
     group.add_argument('--max-train-samples', type=int, default=None, help='train on a fixed random subset')
     group.add_argument('--max-eval-samples', type=int, default=None, help='evaluate on a fixed random subset')
     group.add_argument('--workers', type=int, default=0, help='DataLoader worker processes per rank')
@@ -290,6 +295,11 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
                 'smoothing'):
         value = getattr(args, key)
         _require(0 <= value <= 1, key, value, 'a probability in [0, 1]')
+    if args.val_fraction is not None:
+        _require(0 < args.val_fraction <= 0.5, 'val_fraction', args.val_fraction, 'a fraction in (0, 0.5] or null')
+        _require(args.eval_split in ('test', HOLDOUT_SPLIT), 'eval_split', args.eval_split,
+                 f"the default (with --val-fraction the eval split is {HOLDOUT_SPLIT!r}, held out of train)")
+        args.eval_split = HOLDOUT_SPLIT
     _require(args.clip_grad is None or args.clip_grad > 0, 'clip_grad', args.clip_grad, 'a number > 0 or null')
     _require(0 < args.crop_pct <= 1, 'crop_pct', args.crop_pct, 'a fraction in (0, 1]')
     top_k = args.top_k
