@@ -1,0 +1,147 @@
+"""scripts/sweep.py / pce_timm.sweep: the grid runner (resume, selection on validation, summary)."""
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pce_timm.sweep import SweepConfigError, SweepError, load_sweep_config, run_sweep
+from pce_timm.utils import load_module_from_path
+
+ROOT = Path(__file__).resolve().parents[1]
+sweep_cli = load_module_from_path(ROOT / 'scripts' / 'sweep.py', 'pce_sweep_cli')
+
+# (val top-1, test top-1) per cell and seed: 'pce wide' wins on test, 'pce' on validation
+NUMBERS = {
+    'dense': {0: (90.0, 89.0), 1: (90.4, 89.6)},
+    'pce': {0: (91.0, 89.2), 1: (91.2, 89.4)},
+    'pce wide': {0: (90.6, 92.0), 1: (90.8, 92.2)},
+}
+
+
+def _write_config(tmp_path: Path, **changes) -> Path:
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text(yaml.safe_dump({'model': 'pce_resnet18', 'dataset': 'digits', 'epochs': 1}))
+    config = {'recipe': 'recipe.yaml', 'seeds': [0, 1], 'options': {'max_train_samples': 64},
+              'cells': [{'name': 'dense', 'kind': 'dense', 'options': {'pce_stages': []}}, {'name': 'pce'},
+                        {'name': 'pce wide', 'options': {'num_experts': 8}}]}
+    config.update(changes)
+    path = tmp_path / 'sweep.yaml'
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class FakeRunner:
+    """Stands in for the train.py / evaluate.py subprocesses: writes what they would write."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, command, log):
+        script = Path(command[1]).name
+        self.calls.append(command)
+        if script == 'train.py':
+            out = Path(command[command.index('--output-dir') + 1])
+            recipe = yaml.safe_load(Path(command[command.index('--config') + 1]).read_text())
+            cell = out.parent.name.replace('_', ' ')
+            val, _ = NUMBERS[cell][recipe['seed']]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / 'results.json').write_text(json.dumps({
+                'status': 'completed', 'dataset': 'digits', 'eval_split': 'train-holdout', 'top1': val,
+                'wall_time_s': 10.0 if cell == 'dense' else 12.0, 'num_params': 1000,
+                'routing_summary': {'max_imbalance': None if cell == 'dense' else 1.5}, 'recipe': recipe}))
+        else:
+            out = Path(command[command.index('--model') + 1])
+            seed = int(out.name.split('_')[1])
+            _, test = NUMBERS[out.parent.name.replace('_', ' ')][seed]
+            (out / 'eval-digits-test.json').write_text(json.dumps({'dataset': 'digits', 'split': 'test', 'top1': test}))
+        return 0
+
+
+def test_sweep_selects_on_validation_reports_test_and_resumes(tmp_path):
+    cfg = load_sweep_config(_write_config(tmp_path))
+    runner = FakeRunner()
+    summary = run_sweep(cfg, tmp_path / 'out', runner=runner, progress=False)
+    assert len(runner.calls) == 12  # 3 cells x 2 seeds x (train + test evaluation)
+    recipe = yaml.safe_load((tmp_path / 'out' / 'runs' / 'pce_wide' / 'seed_1.yaml').read_text())
+    assert recipe['seed'] == 1 and recipe['num_experts'] == 8 and recipe['val_fraction'] == 0.1
+    assert recipe['max_train_samples'] == 64 and recipe['model'] == 'pce_resnet18'
+
+    cells = {c['name']: c for c in summary['cells']}
+    for name, numbers in NUMBERS.items():
+        cell = cells[name]
+        assert cell['seeds'] == [0, 1]
+        assert cell['values'] == [numbers[0][1], numbers[1][1]] and cell['val_values'] == [numbers[0][0], numbers[1][0]]
+        assert cell['mean'] == pytest.approx(statistics.fmean(cell['values']))
+        assert cell['std'] == pytest.approx(statistics.stdev(cell['values']))
+    assert cells['pce']['imbalance'] == 1.5 and cells['dense']['imbalance'] is None
+    selection = summary['selection']
+    assert selection['selected'] == 'pce' and selection['baseline'] == 'dense'  # validation, not test, decides
+    assert selection['test_gain'] == pytest.approx(89.3 - 89.3) and selection['time_ratio'] == pytest.approx(1.2)
+    assert selection['goal_met'] is False
+    assert json.loads((tmp_path / 'out' / 'summary.json').read_text()) == json.loads(json.dumps(summary))
+    table = (tmp_path / 'out' / 'summary.md').read_text()
+    assert '| pce wide | pce | 2 | 90.70 ± 0.14 | 92.10 ± 0.14 | +2.80 | 12 (1.20x) |' in table
+    assert 'Selected on validation: **pce**' in table and 'not met' in table
+    assert (tmp_path / 'out' / 'summary.png').stat().st_size > 10_000
+
+    run_sweep(cfg, tmp_path / 'out', runner=runner, progress=False)
+    assert len(runner.calls) == 12  # finished runs are never rerun
+    (tmp_path / 'out' / 'runs' / 'pce' / 'seed_0' / 'eval-digits-test.json').unlink()
+    interrupted = tmp_path / 'out' / 'runs' / 'dense' / 'seed_1'
+    (interrupted / 'results.json').unlink()
+    (interrupted / 'checkpoints').mkdir()
+    run_sweep(cfg, tmp_path / 'out', runner=runner, progress=False)
+    new = [Path(c[1]).name for c in runner.calls[12:]]
+    assert sorted(new) == ['evaluate.py', 'train.py']  # the interrupted run's evaluation already exists
+    train_call = next(c for c in runner.calls[12:] if Path(c[1]).name == 'train.py')
+    assert train_call[-2:] == ['--resume', 'auto'] and str(interrupted) in train_call
+
+
+def test_a_failed_run_stops_the_sweep_naming_its_log(tmp_path, capsys):
+    config = _write_config(tmp_path)
+
+    def failing(command, log):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text('loading...\nerror: dataset: not found\n')
+        return 3
+
+    pattern = r'(?s)training dense seed 0 failed \(exit code 3\).*error: dataset: not found'
+    with pytest.raises(SweepError, match=pattern):
+        run_sweep(load_sweep_config(config), tmp_path / 'out', runner=failing, progress=False)
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'seeds': [0, 0]}, 'seeds must be a list of distinct integers'),
+    ({'recipe': 'missing.yaml'}, "recipe 'missing.yaml' not found"),
+    ({'cells': [{'name': 'a b'}, {'name': 'a_b'}]}, 'cell names must differ'),
+    ({'cells': [{'name': 'x', 'kind': 'moe'}]}, 'kind must be pce or dense'),
+    ({'val_fraction': 0.9}, r'val_fraction must be in \(0, 0.5\]'),
+    ({'grid': {}}, r"unknown keys \['grid'\]"),
+])
+def test_bad_sweep_configs_are_clear_errors(tmp_path, changes, message, capsys):
+    path = _write_config(tmp_path, **changes)
+    with pytest.raises(SweepConfigError, match=message):
+        load_sweep_config(path)
+    assert sweep_cli.main(['--config', str(path), '--output-dir', str(tmp_path / 'out')]) == 2
+    assert capsys.readouterr().err.startswith('error: ')
+
+
+@pytest.mark.slow
+def test_a_real_toy_sweep_end_to_end(tmp_path):
+    """Two cells x two seeds of real scripts/train.py + evaluate.py runs on sklearn digits (~2 min on 2 cores)."""
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text(yaml.safe_dump({
+        'model': 'pce_resnet18', 'dataset': 'digits', 'stem_type': 'cifar', 'pce_stages': [1], 'patch_size': 2,
+        'num_experts': 2, 'top_k': 1, 'model_kwargs': {'channels': [8, 16, 32, 64], 'stem_width': 8}, 'epochs': 1,
+        'batch_size': 32, 'no_aug': True, 'max_train_samples': 128, 'log_with': ['csv'], 'key_init_batches': 1}))
+    config = tmp_path / 'sweep.yaml'
+    config.write_text(yaml.safe_dump({'recipe': 'recipe.yaml', 'seeds': [0, 1], 'test': {'batch_size': 256},
+                                      'cells': [{'name': 'dense', 'kind': 'dense', 'options': {'pce_stages': []}},
+                                                {'name': 'pce'}]}))
+    assert sweep_cli.main(['--config', str(config), '--output-dir', str(tmp_path / 'out'), '--no-progress']) == 0
+    summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
+    for cell in summary['cells']:
+        assert cell['seeds'] == [0, 1] and len(cell['values']) == 2 and cell['gmacs'] > 0
+    assert summary['selection']['baseline'] == 'dense' and summary['selection']['selected'] == 'pce'
