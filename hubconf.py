@@ -2,8 +2,9 @@
 
     model = torch.hub.load('<owner>/<repo>', 'pce_resnet18', pretrained=False)
     model = torch.hub.load('/path/to/checkout', 'pce_resnet18', source='local', num_classes=10)
-    # a pretrained tag: its cfg and architecture (pce_resnet18.fmnist: 1x28x28 Fashion-MNIST, narrow widths)
-    model = torch.hub.load('<owner>/<repo>', 'pce_resnet18', pretrained=True, pretrained_cfg='fmnist')
+    # the architecture's best release (pce_resnet18: the fmnist tag, 1x28x28 Fashion-MNIST, narrow widths)
+    model = torch.hub.load('<owner>/<repo>', 'pce_resnet18', pretrained=True)
+    model = torch.hub.load('<owner>/<repo>', 'pce_resnet18', pretrained=True, pretrained_cfg='fmnist')  # explicit
     torch.hub.list('/path/to/checkout', source='local')  # every pce_* model
 """
 import typing as _typing

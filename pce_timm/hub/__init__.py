@@ -8,7 +8,7 @@ which repo, where it looked and how to get the weights. The CLI is ``scripts/pus
 The package knows timm and huggingface_hub, not pce_timm's models (``ids`` is shared with them): the models
 import it, it never imports them. ``pce_timm.release`` (training, measuring, cards) sits above it.
 """
-from .cache import file_etag, git_blob_sha1, hf_cache_dir, install_into_hf_cache, release_commit_hash
+from .cache import blob_intact, file_etag, git_blob_sha1, hf_cache_dir, install_into_hf_cache, release_commit_hash
 from .ids import PCE_HUB_ORG, hub_id, split_revision
 from .offline import MissingWeightsError, explain_missing_weights, load_pretrained_or_explain, weights_repo_for
 from .push import PUSH_ERRORS, PushResult, push_release
@@ -33,7 +33,8 @@ from .release import (
 
 __all__ = [
     'CARD_NAME', 'CONFIG_NAME', 'EVAL_RESULTS_NAME', 'PCE_HUB_ORG', 'PUSH_ERRORS', 'RESULTS_NAME', 'WEIGHTS_NAME',
-    'MissingWeightsError', 'PushResult', 'ReleaseError', 'ReleaseSource', 'check_finite', 'check_safetensors',
+    'MissingWeightsError', 'PushResult', 'ReleaseError', 'ReleaseSource', 'blob_intact', 'check_finite',
+    'check_safetensors',
     'explain_missing_weights', 'file_etag', 'find_release_source', 'git_blob_sha1', 'hf_cache_dir', 'hub_id',
     'install_into_hf_cache', 'load_model_from_source', 'load_pretrained_or_explain', 'non_finite_tensors',
     'push_release',

@@ -41,7 +41,9 @@ pretrained=True)`` builds the architecture the weights were trained with:
 
 Other kwargs (``num_classes``, ``drop_path_rate``, ``features_only``, ...) pass through; an architecture kwarg
 that contradicts the tag's raises a ValueError (the weights could not fit). Use the bare name
-(``pce_resnet18``) to build other architectures.
+(``pce_resnet18``) to build other architectures; with ``pretrained=True`` the bare name loads the
+architecture's best release (:data:`._pretrained.DEFAULT_PRETRAINED_TAGS`: ``pce_resnet18.fmnist``), and the
+loaded weights are checked (:func:`._pretrained.check_loaded_weights`).
 """
 import inspect
 from functools import partial
@@ -58,6 +60,7 @@ from pce_timm.data.registry import FASHION_MNIST_CLASSES
 from pce_timm.layers import PCEConv2d
 
 from ._hub import hub_id
+from ._pretrained import check_loaded_weights, default_pretrained_tag
 from ._timm_compat import record_model_args
 
 __all__ = ['PCEResNet', 'PCEBasicBlock', 'PCEBottleneck', 'upcycle_dense_state_dict', 'checkpoint_filter_fn']
@@ -604,6 +607,9 @@ def _tag_arch_args(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _create_pce_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> PCEResNet:
+    tag = default_pretrained_tag(variant, pretrained, kwargs)  # the bare name + pretrained: the best release
+    if tag is not None:
+        kwargs = dict(kwargs, pretrained_cfg=tag)
     tag_args = _tag_arch_args(variant, kwargs)
     kwargs = dict(kwargs, **tag_args)
     try:
@@ -618,6 +624,9 @@ def _create_pce_resnet(variant: str, pretrained: bool = False, **kwargs: Any) ->
             _explain_weights_error(variant, kwargs, e)
         raise
     record_model_args(model, **pce_arch_args(**kwargs), **{k: v for k, v in tag_args.items() if k not in PCE_ARCH_ARGS})
+    if pretrained and isinstance(kwargs.get('pretrained_cfg'), str):  # a registry tag (hf-hub: / local-dir: bring
+        check_loaded_weights(model, f'{variant}.{kwargs["pretrained_cfg"]}', kwargs.get('cache_dir'),  # their own)
+                             normalize=_comparable_arch_value)
     return model
 
 

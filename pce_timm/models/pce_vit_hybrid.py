@@ -21,6 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import checkpoint_filter_fn
 
+from ._pretrained import default_pretrained_tag
 from ._timm_compat import record_model_args
 from .pce_resnet import PCE_ARCH_ARGS, pce_arch_args, pce_resnet18, pce_resnet50
 
@@ -80,6 +81,7 @@ def _create_pce_vit_hybrid(
         pretrained: bool = False,
         **kwargs: Any,
 ) -> PCEVisionTransformer:
+    default_pretrained_tag(variant, pretrained, kwargs)  # says so when the architecture has no released weights
     backbone_args = pce_arch_args(**dict(BACKBONE_DEFAULTS, **{k: kwargs.pop(k) for k in PCE_ARCH_ARGS if k in kwargs}))
     backbone = backbone_fn(
         in_chans=kwargs.get('in_chans', 3),
