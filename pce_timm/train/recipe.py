@@ -266,6 +266,58 @@ def _require(condition: bool, key: str, value: Any, accepted: str) -> None:
         raise RecipeError(f'{key}: got {value!r}; accepted: {accepted}')
 
 
+def _check_names(args: argparse.Namespace) -> None:
+    """Unknown model, dataset, optimizer or scheduler names, and top_k > num_experts, as one clear error each."""
+    import timm
+    from timm.models import parse_model_name, split_model_name_tag
+
+    from pce_timm.data.registry import get_dataset_spec, list_datasets
+
+    from .models import resolve_model_source
+
+    try:
+        model, checkpoint = resolve_model_source(args.model)  # run / model / checkpoint folders -> local-dir:
+    except FileNotFoundError as e:
+        raise RecipeError(f'model: {e}') from None
+    source, name = parse_model_name(model) if checkpoint is None else ('checkpoint', str(checkpoint))
+    if source == 'local-dir' and not (Path(name) / 'config.json').is_file():
+        raise RecipeError(f'model: {args.model!r}: {name} holds no config.json (a model folder saved by a run: '
+                          f'<run>/model, or a release folder)')
+    if source is None:
+        arch, _ = split_model_name_tag(name)
+        if not timm.is_model(arch):
+            close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+            hint = f' Did you mean {", ".join(close)}?' if close else ''
+            raise RecipeError(f'model: {args.model!r} is not a timm model.{hint} Accepted: a timm model name '
+                              f"(timm.list_models(), timm.list_models('pce_*')), local-dir:DIR, hf-hub:ID, or a "
+                              f'run / model / checkpoint folder')
+    try:
+        get_dataset_spec(args.dataset)
+    except ValueError:
+        raise RecipeError(f'dataset: {args.dataset!r} is not a dataset pce_timm knows; accepted: '
+                          f'{", ".join(list_datasets())}') from None
+    from timm.optim import list_optimizers
+
+    optimizers = list_optimizers()
+    if args.opt.lower() not in optimizers and args.opt.lower().split('_')[-1] not in optimizers:  # lookahead_adamw
+        close = difflib.get_close_matches(args.opt.lower(), optimizers, n=3)
+        hint = f' (did you mean {", ".join(close)}?)' if close else ''
+        raise RecipeError(f'opt: {args.opt!r} is not a timm optimizer{hint}; accepted: timm.optim.list_optimizers()')
+    if args.sched != 'none':
+        import torch
+        from timm.scheduler import create_scheduler_v2
+
+        try:  # timm has no list of its schedulers: ask it about this one
+            create_scheduler_v2(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), sched=args.sched,
+                                num_epochs=2)
+        except ValueError as e:
+            raise RecipeError(f'sched: {args.sched!r}: {e} Accepted: none, cosine, tanh, step, multistep, plateau, '
+                              f'poly, constant, wsd, rsqrt (timm.scheduler.create_scheduler_v2)') from None
+    if isinstance(args.top_k, int) and args.num_experts is not None and args.top_k > args.num_experts:
+        raise RecipeError(f'top_k: {args.top_k} is more than num_experts={args.num_experts}; accepted: 1..'
+                          f'{args.num_experts} or soft')
+
+
 def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
     """Check ranges and choices (argparse does not check defaults that come from a recipe); fill derived values."""
     parser = parser or build_parser()
@@ -277,6 +329,7 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
                 _require(False, dest, item, ', '.join(map(str, action.choices)))
     _require(bool(args.model), 'model', args.model, 'a timm model name (e.g. pce_resnet18), local-dir:DIR, hf-hub:ID')
     _require(bool(args.dataset), 'dataset', args.dataset, 'a dataset name (pce_timm.data.list_datasets())')
+    _check_names(args)  # before any data is loaded or model built
     for key in ('epochs', 'batch_size', 'grad_accum_steps', 'key_init_batches', 'log_interval', 'checkpoint_every',
                 'checkpoint_limit'):
         value = getattr(args, key)

@@ -1,0 +1,26 @@
+"""Bad names on the training command line are one clear error each, before any data is loaded (issue 15)."""
+import pytest
+
+from pce_timm.train import RecipeError, parse_args
+
+BASE = ['--model', 'pce_resnet18', '--dataset', 'digits', '--output-dir', 'unused']
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--model', 'pce_resnet81'], r"model: 'pce_resnet81' is not a timm model\. Did you mean pce_resnet18"),
+    (['--model', 'local-dir:/nonexistent'], r'/nonexistent holds no config\.json'),
+    (['--model', '/'], r'model: /: not a model folder'),
+    (['--dataset', 'fashion-mnst'], r"dataset: 'fashion-mnst' is not a dataset pce_timm knows; accepted: fashion"),
+    (['--opt', 'adamx'], r"opt: 'adamx' is not a timm optimizer \(did you mean adamax"),
+    (['--sched', 'cosnie'], r"sched: 'cosnie': Unknown scheduler 'cosnie'\. Accepted: none, cosine"),
+    (['--num-experts', '4', '--top-k', '9'], r'top_k: 9 is more than num_experts=4; accepted: 1\.\.4 or soft'),
+])
+def test_bad_names_are_clear_errors(extra, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_args(BASE + extra)
+
+
+@pytest.mark.parametrize('extra', [[], ['--opt', 'lookahead_adamw'], ['--sched', 'none'], ['--model', 'resnet18'],
+                                   ['--model', 'pce_resnet18.fmnist'], ['--top-k', 'soft', '--num-experts', '2']])
+def test_good_names_pass(extra):
+    parse_args(BASE + extra)
