@@ -24,3 +24,28 @@ def test_bad_names_are_clear_errors(extra, message):
                                    ['--model', 'pce_resnet18.fmnist'], ['--top-k', 'soft', '--num-experts', '2']])
 def test_good_names_pass(extra):
     parse_args(BASE + extra)
+
+
+def _finished_run(tmp_path):
+    from pce_timm.train import train
+
+    run = tmp_path / 'run'
+    train(parse_args(['--model', 'pce_resnet18', '--dataset', 'digits', '--stem-type', 'cifar', '--pce-stages', '1',
+                      '--epochs', '1', '--max-train-samples', '64', '--max-eval-samples', '32', '--batch-size', '32',
+                      '--model-kwargs', 'channels=[8,16,32,64]', '--output-dir', str(run), '--progress', 'false']))
+    return run
+
+
+@pytest.mark.usefixtures('one_thread_fresh_accelerate')
+def test_resume_keeps_the_recipe_but_may_run_longer(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from pce_timm.train import train
+
+    run = _finished_run(tmp_path)
+    with pytest.raises(RecipeError, match=r'resume: the run in .* was trained with other settings than these: lr '
+                                          r'\(0\.001 in the run, 0\.05 now\); top_k \(None in the run, 2 now\)'):
+        parse_args(['--output-dir', str(run), '--resume', 'auto', '--lr', '0.05', '--top-k', '2'])
+    AcceleratorState._reset_state(True)
+    results = train(parse_args(['--output-dir', str(run), '--resume', 'auto', '--epochs', '2', '--progress', 'false']))
+    assert results['epochs'] == 2 and [h['epoch'] for h in results['history']] == [1, 2]

@@ -272,6 +272,7 @@ def config_dict(cfg: TrainConfig) -> Dict[str, Any]:
     for key, value in sorted(cfg.flat().items()):
         if key == 'phases':
             value = [phase.to_dict() for phase in value]
+            value[-1].pop('epochs')  # the last phase takes the rest: a resumed run may change `epochs`
         elif isinstance(value, tuple):
             value = list(value)
         out[key] = value

@@ -247,8 +247,47 @@ def parse_namespace(
     if pre.config:
         defaults.update(load_recipe(pre.config, parser))
     parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
-    return validate_args(args, parser)
+    args = validate_args(parser.parse_args(argv), parser)
+    if resumed is not None:
+        _check_resume_changes(resumed, load_recipe(resumed, parser), args, parser)
+    return args
+
+
+# What a resumed run may change: how long it runs (the last phase takes the extra epochs) and how it is
+# watched and saved. Anything else would make config.yaml and results.json describe a run that never happened.
+RESUME_MAY_CHANGE = frozenset({
+    'epochs', 'output_dir', 'resume', 'config', 'progress', 'log_interval', 'log_with', 'workers',
+    'eval_batch_size', 'checkpoint_every', 'checkpoint_steps', 'checkpoint_limit',
+})
+
+
+def _check_resume_changes(path: Path, saved: Dict[str, Any], args: argparse.Namespace,
+                          parser: argparse.ArgumentParser) -> None:
+    """Refuse a resume whose recipe differs from the run's saved config.yaml (other than RESUME_MAY_CHANGE)."""
+    saved = vars(validate_args(argparse.Namespace(**{**vars(args), **saved}), parser))
+    differ = []
+    for key in sorted(saved):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        old, new = _comparable(key, saved[key]), _comparable(key, getattr(args, key, None))
+        if old != new:
+            differ.append(f'{key} ({old!r} in the run, {new!r} now)')
+    if differ:
+        raise RecipeError(
+            f'resume: the run in {path.parent} was trained with other settings than these: {"; ".join(differ)}. '
+            f'A resumed run keeps its recipe (only {", ".join(sorted(RESUME_MAY_CHANGE - {"config", "resume"}))} '
+            f'may change): drop those flags, or start a new run in another --output-dir (--model {path.parent} '
+            f'starts it from this run\'s weights).')
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key == 'phases' and value:
+        phases = [p.to_dict() if hasattr(p, 'to_dict') else dict(p) for p in value]
+        phases[-1].pop('epochs', None)  # the last phase takes the rest of `epochs`, which may change
+        return phases
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def _resumed_config(pre: argparse.Namespace) -> Optional[Path]:
