@@ -49,3 +49,19 @@ def test_resume_keeps_the_recipe_but_may_run_longer(tmp_path):
     AcceleratorState._reset_state(True)
     results = train(parse_args(['--output-dir', str(run), '--resume', 'auto', '--epochs', '2', '--progress', 'false']))
     assert results['epochs'] == 2 and [h['epoch'] for h in results['history']] == [1, 2]
+
+
+def test_tables_print_no_negative_zero():
+    from pce_timm.train.evaluation import format_table
+
+    row = format_table([[-0.0, -0.0004, -0.5]], ['a', 'b', 'c']).splitlines()[-1]
+    assert row.split() == ['0.000', '0.000', '-0.500']
+
+
+def test_results_json_has_no_negative_zero(tmp_path):
+    import json
+
+    from pce_timm.train.checkpoint import write_json_atomic
+
+    path = write_json_atomic({'loss': -0.0, 'history': [{'aux': -0.0, 'top1': 1.0}]}, tmp_path / 'r.json')
+    assert '-0.0' not in path.read_text() and json.loads(path.read_text())['history'][0]['aux'] == 0.0

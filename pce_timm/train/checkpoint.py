@@ -127,6 +127,8 @@ def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, float) and value == 0:
+        return 0.0  # no -0.0 in results
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -88,7 +88,8 @@ def _fmt(value: Any) -> str:
     if value is None:
         return 'inf'
     if isinstance(value, float):
-        return f'{value:.3f}'
+        text = f'{value:.3f}'
+        return '0.000' if text == '-0.000' else text  # a tiny negative (or -0.0) prints as zero
     if isinstance(value, list):
         return str(len(value))
     return str(value)
