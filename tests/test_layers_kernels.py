@@ -156,3 +156,48 @@ def test_layer_tuned_equals_reference(kwargs, hw, training):
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _dense_weighted_sum(experts, x, weight_map):
+    """The reference of ``forward_weighted``: all experts in one conv, then the weighted sum over experts."""
+    y = experts.forward_dense(x)
+    e, b, _, ho, wo = weight_map.shape
+    return (y.view(b, e, -1, ho, wo) * weight_map.transpose(0, 1)).sum(1)
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval', 'inference'])
+@pytest.mark.parametrize('momentum,stride', [(0.1, 1), (None, 2)])  # None: cumulative running averages
+def test_experts_forward_weighted_equals_dense_then_weighted_sum(mode, momentum, stride):
+    """Soft dispatch's expert-by-expert accumulation: same output, gradients and BatchNorm statistics."""
+    from pce_timm.layers.experts import ConvExperts
+
+    torch.manual_seed(0)
+    experts = ConvExperts(3, 4, 5, stride=stride).double().train(mode == 'train')
+    experts.bn.momentum = momentum
+    with torch.no_grad():  # non-trivial statistics and affine parameters to fold and to update
+        experts.bn.running_mean.uniform_(-1, 1)
+        experts.bn.running_var.uniform_(0.5, 2)
+        experts.bn.weight.uniform_(0.5, 1.5)
+        experts.bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64, requires_grad=True)
+    ho, wo = (9 - 1) // stride + 1, (7 - 1) // stride + 1
+    weight_map = torch.rand(3, 2, 1, ho, wo, dtype=torch.float64, requires_grad=True)
+    inputs = (x, weight_map, experts.weight, experts.bn.weight, experts.bn.bias)
+    results, buffers = [], []
+    for fn in (experts.forward_weighted, lambda t, w: _dense_weighted_sum(experts, t, w)):
+        state = {k: v.clone() for k, v in experts.state_dict().items()}
+        if mode == 'inference':
+            with torch.no_grad():
+                results.append((fn(x, weight_map), ()))
+        else:
+            results.append(_grads(lambda t, w, *params: fn(t, w), inputs))
+        buffers.append({k: v.clone() for k, v in experts.state_dict().items()})
+        experts.load_state_dict(state)
+    _assert_same(*results)
+    for key in buffers[1]:
+        torch.testing.assert_close(buffers[0][key], buffers[1][key], msg=key)
+    if mode == 'train':
+        assert int(buffers[0]['bn.num_batches_tracked']) == 1
+        assert not torch.equal(buffers[0]['bn.running_mean'], experts.bn.running_mean)  # they were updated
+    if mode != 'inference':
+        torch.autograd.gradcheck(lambda t, w, *params: experts.forward_weighted(t, w), inputs)

@@ -70,6 +70,40 @@ class ConvExperts(nn.Module):
         return self._conv_bn_relu(x, padding=self.kernel_size // 2, groups=1, valid=None)
 
     @torch.jit.export
+    def forward_weighted(self, x: torch.Tensor, weight_map: torch.Tensor) -> torch.Tensor:
+        """Every expert on the whole map, summed with per-pixel weights: [b, i, h, w] -> [b, o, ho, wo].
+
+        Args:
+            weight_map: expert j's weight at every output pixel, [e, b, 1, ho, wo].
+
+        The same function (and gradients, and BatchNorm statistics) as :meth:`forward_dense` followed by
+        ``sum_j weight_map[j] * y_j``, computed expert by expert: each expert's conv, its channels of the
+        BatchNorm, ReLU, and an in-place multiply-add into one output, so no [b, e * o, ho, wo] product (64 MiB
+        for a 32-image batch of 64 x 32 x 32 maps and 8 experts) is ever allocated. Products that large are
+        fresh page-faulting mappings on every step under glibc malloc; the per-expert ones are what E dense
+        blocks allocate.
+        """
+        o, k = self.out_chs, self.kernel_size
+        weights = weight_map.unbind(0)
+        if not self.training and not torch.is_grad_enabled():  # inference: BatchNorm folded into the conv
+            weight, bias = self._folded_weight()
+            out = torch.zeros(0)  # replaced by the first expert's product
+            for j in range(self.num_experts):
+                expert = slice(j * o, (j + 1) * o)
+                y = F.relu(F.conv2d(x, weight[expert], bias[expert], self.stride, k // 2), inplace=True)
+                w = weights[j].to(y.dtype)
+                out = y.mul_(w) if j == 0 else out.addcmul_(y, w)
+            return out
+        factor = self._batch_norm_step()
+        out = torch.zeros(0)
+        for j in range(self.num_experts):
+            y = F.conv2d(x, self.weight[j], None, self.stride, k // 2)
+            y = F.relu(self._expert_batch_norm(y, j, factor), inplace=True)
+            w = weights[j].to(y.dtype)
+            out = y * w if j == 0 else out.addcmul_(y, w)
+        return out
+
+    @torch.jit.export
     def forward_windows(self, windows: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """Each expert on its own slots of halo windows: [c, e * i, wh, ww] -> [c, e * o, ph, pw].
 
@@ -111,6 +145,32 @@ class ConvExperts(nn.Module):
         if valid is None or not self.training:
             return F.relu(self.bn(y), inplace=True)
         return F.relu(self._masked_batch_norm(y, valid), inplace=True)
+
+    def _batch_norm_step(self) -> float:
+        """What ``nn.BatchNorm2d.forward`` does before normalising: count the batch while training and return
+        the running statistics' update factor (cumulative average when ``momentum`` is None)."""
+        bn = self.bn
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.num_batches_tracked is not None:  # None without track_running_stats
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum
+            factor = 1.0 / float(bn.num_batches_tracked) if momentum is None else momentum
+        return factor
+
+    def _expert_batch_norm(self, y: torch.Tensor, expert: int, factor: float) -> torch.Tensor:
+        """``self.bn`` on expert ``expert``'s output channels only (its slice of the statistics and affine
+        parameters; running statistics are updated in place through the slice), after :meth:`_batch_norm_step`."""
+        bn, o = self.bn, self.out_chs
+        channels = slice(expert * o, (expert + 1) * o)
+        running_mean, running_var = bn.running_mean, bn.running_var  # None without track_running_stats
+        use_batch_stats = bn.training or (running_mean is None and running_var is None)
+        if running_mean is not None:
+            running_mean = running_mean[channels]
+        if running_var is not None:
+            running_var = running_var[channels]
+        weight = bn.weight[channels] if bn.weight is not None else None
+        bias = bn.bias[channels] if bn.bias is not None else None
+        return F.batch_norm(y, running_mean, running_var, weight, bias, use_batch_stats, factor, self.bn.eps)
 
     def _folded_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Conv weight [e * o, i, k, k] and bias [e * o] equal to conv followed by eval-mode BatchNorm."""
