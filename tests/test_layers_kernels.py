@@ -190,7 +190,7 @@ def test_experts_forward_weighted_equals_dense_then_weighted_sum(mode, momentum,
             with torch.no_grad():
                 results.append((fn(x, weight_map), ()))
         else:
-            results.append(_grads(lambda t, w, *params: fn(t, w), inputs))
+            results.append(_grads(lambda t, w, *params, fn=fn: fn(t, w), inputs))
         buffers.append({k: v.clone() for k, v in experts.state_dict().items()})
         experts.load_state_dict(state)
     _assert_same(*results)
@@ -201,3 +201,28 @@ def test_experts_forward_weighted_equals_dense_then_weighted_sum(mode, momentum,
         assert not torch.equal(buffers[0]['bn.running_mean'], experts.bn.running_mean)  # they were updated
     if mode != 'inference':
         torch.autograd.gradcheck(lambda t, w, *params: experts.forward_weighted(t, w), inputs)
+
+
+def test_experts_forward_sorted_equals_conv_then_eval_batch_norm():
+    """Each expert's run through its conv and eval BatchNorm, whether the BatchNorm is folded into the conv
+    (a long run: output larger than the weight) or applied to the output (a short run)."""
+    from pce_timm.layers.experts import ConvExperts
+
+    torch.manual_seed(0)
+    experts = ConvExperts(3, 4, 5).double().eval()
+    with torch.no_grad():
+        experts.bn.running_mean.uniform_(-1, 1)
+        experts.bn.running_var.uniform_(0.5, 2)
+        experts.bn.weight.uniform_(0.5, 1.5)
+        experts.bn.bias.uniform_(-0.5, 0.5)
+    counts = [1, 0, 9]  # 1 x 5 x 3 x 3 outputs < 180 weights: normalised; 9 x 45 = 405 > 180: folded
+    windows = torch.randn(sum(counts), 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    expert_of_window = [0] + [2] * 9
+
+    def reference(w, *params):  # every expert on every window, then each window's own expert's channels
+        all_experts = experts.bn(F.conv2d(w, experts.weight.view(15, 4, 3, 3)))  # [a, e * o, 3, 3]
+        return torch.stack([all_experts[i, j * 5:(j + 1) * 5] for i, j in enumerate(expert_of_window)]).relu()
+
+    inputs = (windows, experts.weight, experts.bn.weight, experts.bn.bias)
+    _assert_same(_grads(lambda w, *params: experts.forward_sorted(w, counts), inputs), _grads(reference, inputs))
+    torch.autograd.gradcheck(lambda w, *params: experts.forward_sorted(w, counts), inputs)
