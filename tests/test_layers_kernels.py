@@ -226,3 +226,35 @@ def test_experts_forward_sorted_equals_conv_then_eval_batch_norm():
     inputs = (windows, experts.weight, experts.bn.weight, experts.bn.bias)
     _assert_same(_grads(lambda w, *params: experts.forward_sorted(w, counts), inputs), _grads(reference, inputs))
     torch.autograd.gradcheck(lambda w, *params: experts.forward_sorted(w, counts), inputs)
+
+
+@pytest.mark.parametrize('slots,chs,hw,stride,branch', [
+    (1, 8, 3, 1, 'gemm'),  # weight 24 * 8 * 3 * 3 > im2col columns 1 * 3 * 8 * 9 * 1 * 1: batched GEMM
+    (1, 8, 5, 2, 'gemm'),
+    (2, 4, 4, 1, 'nchw'),  # windows 2 * 12 * 4 * 4 < weight 12 * 4 * 3 * 3 < columns: grouped conv on NCHW
+    (1, 4, 5, 2, 'nchw'),
+    (6, 2, 9, 1, 'channels-last'),  # windows larger than the weight: the grouped conv as given
+])
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_expert_windows_conv_tuned_equals_grouped_conv(slots, chs, hw, stride, branch, with_bias):
+    torch.manual_seed(0)
+    e, k = 3, 3
+    windows = torch.randn(slots, e * chs, hw, hw, dtype=torch.float64)
+    windows = windows.contiguous(memory_format=torch.channels_last).requires_grad_()  # as the gather makes them
+    weight = torch.randn(e * chs, chs, k, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(e * chs, dtype=torch.float64, requires_grad=True) if with_bias else None
+    p = (hw - k) // stride + 1
+    columns = slots * e * chs * k * k * p * p
+    taken = 'gemm' if weight.numel() > columns else 'nchw' if weight.numel() > windows.numel() else 'channels-last'
+    assert taken == branch  # the case exercises the branch it is named for
+    inputs = (windows, weight) + ((bias,) if with_bias else ())
+
+    def tuned(w, wt, *b):
+        return kernels_cpu.expert_windows_conv(w, wt, b[0] if b else None, stride, e)
+
+    def reference(w, wt, *b):
+        return F.conv2d(w, wt, b[0] if b else None, stride, groups=e)
+
+    _assert_same(_grads(tuned, inputs), _grads(reference, inputs))
+    if not with_bias:  # the bias only comes with folded BatchNorm, in inference
+        torch.autograd.gradcheck(tuned, inputs)

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels_cpu
+
 
 class _ExpertsBatchNorm(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose width is a TorchScript attribute, not a constant.
@@ -164,12 +166,20 @@ class ConvExperts(nn.Module):
         """The experts' conv (``groups`` = 1: all experts on x; e: expert j on channel group j), BN, ReLU."""
         if not self.training and not torch.is_grad_enabled():  # inference: BatchNorm folded into the conv
             weight, bias = self._folded_weight()
-            return F.relu(F.conv2d(x, weight, bias, self.stride, padding, groups=groups), inplace=True)
+            return F.relu(self._conv(x, weight, bias, padding, groups), inplace=True)
         weight = self.weight.reshape(-1, self.in_chs, self.kernel_size, self.kernel_size)
-        y = F.conv2d(x, weight, None, self.stride, padding, groups=groups)
+        y = self._conv(x, weight, None, padding, groups)
         if valid is None or not self.training:
             return F.relu(self.bn(y), inplace=True)
         return F.relu(self._masked_batch_norm(y, valid), inplace=True)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int,
+              groups: int) -> torch.Tensor:
+        """The experts' conv: on CPU the expert windows' grouped conv in its fastest form for the sizes
+        (:func:`.kernels_cpu.expert_windows_conv`), else ``F.conv2d``."""
+        if torch.jit.is_scripting() or groups == 1 or padding != 0 or not kernels_cpu.use_cpu_kernels(x):
+            return F.conv2d(x, weight, bias, self.stride, padding, groups=groups)
+        return kernels_cpu.expert_windows_conv(x, weight, bias, self.stride, groups)
 
     def _batch_norm_step(self) -> float:
         """What ``nn.BatchNorm2d.forward`` does before normalising: count the batch while training and return
