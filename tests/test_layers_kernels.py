@@ -258,3 +258,13 @@ def test_expert_windows_conv_tuned_equals_grouped_conv(slots, chs, hw, stride, b
     _assert_same(_grads(tuned, inputs), _grads(reference, inputs))
     if not with_bias:  # the bias only comes with folded BatchNorm, in inference
         torch.autograd.gradcheck(tuned, inputs)
+
+
+@pytest.mark.parametrize('slots,hw', [(2, 3), (40, 5)])  # one expert's run (sorted eval): GEMM / conv
+def test_expert_windows_conv_tuned_equals_conv_for_one_expert(slots, hw):
+    torch.manual_seed(0)
+    windows = torch.randn(slots, 8, hw, hw, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, 8, 3, 3, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(kernels_cpu.expert_windows_conv(windows, weight, bias, 1, 1),
+                               F.conv2d(windows, weight, bias))

@@ -145,8 +145,8 @@ class ConvExperts(nn.Module):
         weight = self.weight[expert]
         if x.shape[0] * out_pixels * self.out_chs > weight.numel():
             scale, shift = self._eval_scale_shift(expert)
-            return F.conv2d(x, weight * scale.to(weight.dtype).view(-1, 1, 1, 1), shift.to(weight.dtype), s, padding)
-        return self._expert_batch_norm(F.conv2d(x, weight, None, s, padding), expert, 0.0)
+            return self._conv(x, weight * scale.to(weight.dtype).view(-1, 1, 1, 1), shift.to(weight.dtype), padding, 1)
+        return self._expert_batch_norm(self._conv(x, weight, None, padding, 1), expert, 0.0)
 
     def _eval_scale_shift(self, expert: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Eval BatchNorm of expert ``expert``'s channels as ``y * scale + shift`` (each [o])."""
@@ -175,9 +175,9 @@ class ConvExperts(nn.Module):
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int,
               groups: int) -> torch.Tensor:
-        """The experts' conv: on CPU the expert windows' grouped conv in its fastest form for the sizes
-        (:func:`.kernels_cpu.expert_windows_conv`), else ``F.conv2d``."""
-        if torch.jit.is_scripting() or groups == 1 or padding != 0 or not kernels_cpu.use_cpu_kernels(x):
+        """The experts' conv (``groups`` experts side by side): on halo windows (no padding) on CPU in its
+        fastest form for the sizes (:func:`.kernels_cpu.expert_windows_conv`), else ``F.conv2d``."""
+        if torch.jit.is_scripting() or padding != 0 or not kernels_cpu.use_cpu_kernels(x):
             return F.conv2d(x, weight, bias, self.stride, padding, groups=groups)
         return kernels_cpu.expert_windows_conv(x, weight, bias, self.stride, groups)
 
