@@ -156,3 +156,115 @@ def test_layer_tuned_equals_reference(kwargs, hw, training):
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _dense_weighted_sum(experts, x, weight_map):
+    """The reference of ``forward_weighted``: all experts in one conv, then the weighted sum over experts."""
+    y = experts.forward_dense(x)
+    e, b, _, ho, wo = weight_map.shape
+    return (y.view(b, e, -1, ho, wo) * weight_map.transpose(0, 1)).sum(1)
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval', 'inference'])
+@pytest.mark.parametrize('momentum,stride', [(0.1, 1), (None, 2)])  # None: cumulative running averages
+def test_experts_forward_weighted_equals_dense_then_weighted_sum(mode, momentum, stride):
+    """Soft dispatch's expert-by-expert accumulation: same output, gradients and BatchNorm statistics."""
+    from pce_timm.layers.experts import ConvExperts
+
+    torch.manual_seed(0)
+    experts = ConvExperts(3, 4, 5, stride=stride).double().train(mode == 'train')
+    experts.bn.momentum = momentum
+    with torch.no_grad():  # non-trivial statistics and affine parameters to fold and to update
+        experts.bn.running_mean.uniform_(-1, 1)
+        experts.bn.running_var.uniform_(0.5, 2)
+        experts.bn.weight.uniform_(0.5, 1.5)
+        experts.bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64, requires_grad=True)
+    ho, wo = (9 - 1) // stride + 1, (7 - 1) // stride + 1
+    weight_map = torch.rand(3, 2, 1, ho, wo, dtype=torch.float64, requires_grad=True)
+    inputs = (x, weight_map, experts.weight, experts.bn.weight, experts.bn.bias)
+    results, buffers = [], []
+    for fn in (experts.forward_weighted, lambda t, w: _dense_weighted_sum(experts, t, w)):
+        state = {k: v.clone() for k, v in experts.state_dict().items()}
+        if mode == 'inference':
+            with torch.no_grad():
+                results.append((fn(x, weight_map), ()))
+        else:
+            results.append(_grads(lambda t, w, *params, fn=fn: fn(t, w), inputs))
+        buffers.append({k: v.clone() for k, v in experts.state_dict().items()})
+        experts.load_state_dict(state)
+    _assert_same(*results)
+    for key in buffers[1]:
+        torch.testing.assert_close(buffers[0][key], buffers[1][key], msg=key)
+    if mode == 'train':
+        assert int(buffers[0]['bn.num_batches_tracked']) == 1
+        assert not torch.equal(buffers[0]['bn.running_mean'], experts.bn.running_mean)  # they were updated
+    if mode != 'inference':
+        torch.autograd.gradcheck(lambda t, w, *params: experts.forward_weighted(t, w), inputs)
+
+
+def test_experts_forward_sorted_equals_conv_then_eval_batch_norm():
+    """Each expert's run through its conv and eval BatchNorm, whether the BatchNorm is folded into the conv
+    (a long run: output larger than the weight) or applied to the output (a short run)."""
+    from pce_timm.layers.experts import ConvExperts
+
+    torch.manual_seed(0)
+    experts = ConvExperts(3, 4, 5).double().eval()
+    with torch.no_grad():
+        experts.bn.running_mean.uniform_(-1, 1)
+        experts.bn.running_var.uniform_(0.5, 2)
+        experts.bn.weight.uniform_(0.5, 1.5)
+        experts.bn.bias.uniform_(-0.5, 0.5)
+    counts = [1, 0, 9]  # 1 x 5 x 3 x 3 outputs < 180 weights: normalised; 9 x 45 = 405 > 180: folded
+    windows = torch.randn(sum(counts), 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    expert_of_window = [0] + [2] * 9
+
+    def reference(w, *params):  # every expert on every window, then each window's own expert's channels
+        all_experts = experts.bn(F.conv2d(w, experts.weight.view(15, 4, 3, 3)))  # [a, e * o, 3, 3]
+        return torch.stack([all_experts[i, j * 5:(j + 1) * 5] for i, j in enumerate(expert_of_window)]).relu()
+
+    inputs = (windows, experts.weight, experts.bn.weight, experts.bn.bias)
+    _assert_same(_grads(lambda w, *params: experts.forward_sorted(w, counts), inputs), _grads(reference, inputs))
+    torch.autograd.gradcheck(lambda w, *params: experts.forward_sorted(w, counts), inputs)
+
+
+@pytest.mark.parametrize('slots,chs,hw,stride,branch', [
+    (1, 8, 3, 1, 'gemm'),  # weight 24 * 8 * 3 * 3 > im2col columns 1 * 3 * 8 * 9 * 1 * 1: batched GEMM
+    (1, 8, 5, 2, 'gemm'),
+    (2, 4, 4, 1, 'nchw'),  # windows 2 * 12 * 4 * 4 < weight 12 * 4 * 3 * 3 < columns: grouped conv on NCHW
+    (1, 4, 5, 2, 'nchw'),
+    (6, 2, 9, 1, 'channels-last'),  # windows larger than the weight: the grouped conv as given
+])
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_expert_windows_conv_tuned_equals_grouped_conv(slots, chs, hw, stride, branch, with_bias):
+    torch.manual_seed(0)
+    e, k = 3, 3
+    windows = torch.randn(slots, e * chs, hw, hw, dtype=torch.float64)
+    windows = windows.contiguous(memory_format=torch.channels_last).requires_grad_()  # as the gather makes them
+    weight = torch.randn(e * chs, chs, k, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(e * chs, dtype=torch.float64, requires_grad=True) if with_bias else None
+    p = (hw - k) // stride + 1
+    columns = slots * e * chs * k * k * p * p
+    taken = 'gemm' if weight.numel() > columns else 'nchw' if weight.numel() > windows.numel() else 'channels-last'
+    assert taken == branch  # the case exercises the branch it is named for
+    inputs = (windows, weight) + ((bias,) if with_bias else ())
+
+    def tuned(w, wt, *b):
+        return kernels_cpu.expert_windows_conv(w, wt, b[0] if b else None, stride, e)
+
+    def reference(w, wt, *b):
+        return F.conv2d(w, wt, b[0] if b else None, stride, groups=e)
+
+    _assert_same(_grads(tuned, inputs), _grads(reference, inputs))
+    if not with_bias:  # the bias only comes with folded BatchNorm, in inference
+        torch.autograd.gradcheck(tuned, inputs)
+
+
+@pytest.mark.parametrize('slots,hw', [(2, 3), (40, 5)])  # one expert's run (sorted eval): GEMM / conv
+def test_expert_windows_conv_tuned_equals_conv_for_one_expert(slots, hw):
+    torch.manual_seed(0)
+    windows = torch.randn(slots, 8, hw, hw, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, 8, 3, 3, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(kernels_cpu.expert_windows_conv(windows, weight, bias, 1, 1),
+                               F.conv2d(windows, weight, bias))

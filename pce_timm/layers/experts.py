@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels_cpu
+
 
 class _ExpertsBatchNorm(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose width is a TorchScript attribute, not a constant.
@@ -70,6 +72,38 @@ class ConvExperts(nn.Module):
         return self._conv_bn_relu(x, padding=self.kernel_size // 2, groups=1, valid=None)
 
     @torch.jit.export
+    def forward_weighted(self, x: torch.Tensor, weight_map: torch.Tensor) -> torch.Tensor:
+        """Every expert on the whole map, summed with per-pixel weights: [b, i, h, w] -> [b, o, ho, wo].
+
+        Args:
+            weight_map: expert j's weight at every output pixel, [e, b, 1, ho, wo].
+
+        The same function (and gradients, and BatchNorm statistics) as :meth:`forward_dense` followed by
+        ``sum_j weight_map[j] * y_j``, computed expert by expert: each expert's conv, its channels of the
+        BatchNorm, ReLU, and an in-place multiply-add into one output, so no [b, e * o, ho, wo] product (64 MiB
+        for a 32-image batch of 64 x 32 x 32 maps and 8 experts) is ever allocated. Products that large are
+        fresh page-faulting mappings on every step under glibc malloc; the per-expert ones are what E dense
+        blocks allocate.
+        """
+        k = self.kernel_size
+        weights = weight_map.unbind(0)
+        if not self.training and not torch.is_grad_enabled():  # inference: no autograd, all in place
+            out = torch.zeros(0)  # replaced by the first expert's product
+            for j in range(self.num_experts):
+                y = F.relu(self._eval_expert(x, j, k // 2), inplace=True)
+                w = weights[j].to(y.dtype)
+                out = y.mul_(w) if j == 0 else out.addcmul_(y, w)
+            return out
+        factor = self._batch_norm_step()
+        out = torch.zeros(0)
+        for j in range(self.num_experts):
+            y = F.conv2d(x, self.weight[j], None, self.stride, k // 2)
+            y = F.relu(self._expert_batch_norm(y, j, factor), inplace=True)
+            w = weights[j].to(y.dtype)
+            out = y * w if j == 0 else out.addcmul_(y, w)
+        return out
+
+    @torch.jit.export
     def forward_windows(self, windows: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """Each expert on its own slots of halo windows: [c, e * i, wh, ww] -> [c, e * o, ph, pw].
 
@@ -85,32 +119,93 @@ class ConvExperts(nn.Module):
     def forward_sorted(self, windows: torch.Tensor, counts: List[int]) -> torch.Tensor:
         """Eval: each expert on its own run of halo windows, sorted by expert: [a, i, wh, ww] -> [a, o, ph, pw].
 
-        Expert j takes the next ``counts[j]`` windows. BatchNorm (running statistics) is folded into each
-        expert's conv, which is the same function, with the same gradients, as conv then eval BatchNorm.
+        Expert j takes the next ``counts[j]`` windows; its BatchNorm uses the running statistics (see
+        :meth:`_eval_expert`).
         """
         if self.training:
             raise RuntimeError('forward_sorted uses BatchNorm running statistics: call it in eval mode')
-        weight, bias = self._folded_weight()
-        o = self.out_chs
         outs: List[torch.Tensor] = []
         start = 0
         for j, count in enumerate(counts):
             if count > 0:
-                expert = slice(j * o, (j + 1) * o)
-                outs.append(F.conv2d(windows[start:start + count], weight[expert], bias[expert], self.stride))
+                outs.append(self._eval_expert(windows[start:start + count], j, 0))
             start += count
         return F.relu(torch.cat(outs), inplace=True)
+
+    def _eval_expert(self, x: torch.Tensor, expert: int, padding: int) -> torch.Tensor:
+        """Expert ``expert``'s conv and eval-mode BatchNorm (running statistics), before the ReLU.
+
+        Folding BatchNorm into the conv costs a pass over the expert's weight [o, i, k, k]; normalising the
+        output, a pass over the output. Whichever is smaller is done: at 7 x 7 patches of a 512-channel stage
+        the weight is far larger than a batch's outputs (folding all experts of ``pce_resnet18_e8`` on every
+        forward cost ~6% of its inference time), on large maps the output is.
+        """
+        k, s = self.kernel_size, self.stride
+        out_pixels = ((x.shape[2] + 2 * padding - k) // s + 1) * ((x.shape[3] + 2 * padding - k) // s + 1)
+        weight = self.weight[expert]
+        if x.shape[0] * out_pixels * self.out_chs > weight.numel():
+            scale, shift = self._eval_scale_shift(expert)
+            return self._conv(x, weight * scale.to(weight.dtype).view(-1, 1, 1, 1), shift.to(weight.dtype), padding, 1)
+        return self._expert_batch_norm(self._conv(x, weight, None, padding, 1), expert, 0.0)
+
+    def _eval_scale_shift(self, expert: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Eval BatchNorm of expert ``expert``'s channels as ``y * scale + shift`` (each [o])."""
+        bn, o = self.bn, self.out_chs
+        channels = slice(expert * o, (expert + 1) * o)
+        running_mean, running_var = bn.running_mean, bn.running_var
+        assert running_mean is not None and running_var is not None
+        scale = torch.rsqrt(running_var[channels] + self.bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight[channels]
+        shift = -running_mean[channels] * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias[channels]
+        return scale, shift
 
     def _conv_bn_relu(self, x: torch.Tensor, padding: int, groups: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """The experts' conv (``groups`` = 1: all experts on x; e: expert j on channel group j), BN, ReLU."""
         if not self.training and not torch.is_grad_enabled():  # inference: BatchNorm folded into the conv
             weight, bias = self._folded_weight()
-            return F.relu(F.conv2d(x, weight, bias, self.stride, padding, groups=groups), inplace=True)
+            return F.relu(self._conv(x, weight, bias, padding, groups), inplace=True)
         weight = self.weight.reshape(-1, self.in_chs, self.kernel_size, self.kernel_size)
-        y = F.conv2d(x, weight, None, self.stride, padding, groups=groups)
+        y = self._conv(x, weight, None, padding, groups)
         if valid is None or not self.training:
             return F.relu(self.bn(y), inplace=True)
         return F.relu(self._masked_batch_norm(y, valid), inplace=True)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int,
+              groups: int) -> torch.Tensor:
+        """The experts' conv (``groups`` experts side by side): on halo windows (no padding) on CPU in its
+        fastest form for the sizes (:func:`.kernels_cpu.expert_windows_conv`), else ``F.conv2d``."""
+        if torch.jit.is_scripting() or padding != 0 or not kernels_cpu.use_cpu_kernels(x):
+            return F.conv2d(x, weight, bias, self.stride, padding, groups=groups)
+        return kernels_cpu.expert_windows_conv(x, weight, bias, self.stride, groups)
+
+    def _batch_norm_step(self) -> float:
+        """What ``nn.BatchNorm2d.forward`` does before normalising: count the batch while training and return
+        the running statistics' update factor (cumulative average when ``momentum`` is None)."""
+        bn = self.bn
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.num_batches_tracked is not None:  # None without track_running_stats
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum
+            factor = 1.0 / float(bn.num_batches_tracked) if momentum is None else momentum
+        return factor
+
+    def _expert_batch_norm(self, y: torch.Tensor, expert: int, factor: float) -> torch.Tensor:
+        """``self.bn`` on expert ``expert``'s output channels only (its slice of the statistics and affine
+        parameters; running statistics are updated in place through the slice), after :meth:`_batch_norm_step`."""
+        bn, o = self.bn, self.out_chs
+        channels = slice(expert * o, (expert + 1) * o)
+        running_mean, running_var = bn.running_mean, bn.running_var  # None without track_running_stats
+        use_batch_stats = bn.training or (running_mean is None and running_var is None)
+        if running_mean is not None:
+            running_mean = running_mean[channels]
+        if running_var is not None:
+            running_var = running_var[channels]
+        weight = bn.weight[channels] if bn.weight is not None else None
+        bias = bn.bias[channels] if bn.bias is not None else None
+        return F.batch_norm(y, running_mean, running_var, weight, bias, use_batch_stats, factor, self.bn.eps)
 
     def _folded_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Conv weight [e * o, i, k, k] and bias [e * o] equal to conv followed by eval-mode BatchNorm."""

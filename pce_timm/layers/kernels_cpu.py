@@ -10,10 +10,12 @@ Why they exist (measured on CPU, where they are several times faster than the re
   the sparse path have structure that makes their backward a gather too (:func:`gather_windows`,
   :func:`gather_rows`, :func:`gather_rows_top1`), and overlapping halo windows are summed back by
   :func:`overlap_add` at copy speed where col2im / index_add are slower;
-- reading pixel rows of a map whose channel stride is a multiple of 4 KiB hits the same cache sets
-  (:func:`image_rows` shifts the channels first);
 - ``avg_pool2d`` on an NCHW map is slower than reading the map (:func:`cell_mean` sums strided views);
-- a 1x1 conv on pixel rows is a GEMM that can write NCHW directly (:func:`mix_pixels`).
+- a 1x1 conv on pixel rows is a GEMM that can write NCHW directly (:func:`mix_pixels`);
+- oneDNN's grouped conv over the experts' slots converts the whole [e * o, i, k, k] weight (and its gradient)
+  to the input's channels-last layout on every call, and is slow on a few large-channel slots; where the
+  weight is large next to the windows, NCHW windows or one batched GEMM per expert are faster
+  (:func:`expert_windows_conv`).
 
 Shape legend: b batch, c channels, h/w map, n patches (gh x gw), t = b * n tokens, k top-k, e experts,
 s slots per expert, wh/ww halo window, ph/pw input patch size.
@@ -50,15 +52,10 @@ def image_rows(x: torch.Tensor) -> torch.Tensor:
     """[b, c, h, w] -> pixel rows [b * h * w + 1, c]; the last row is zero (outside the map, empty slot)."""
     b, c, h, w = x.shape
     rows = x.new_empty(b * h * w + 1, c)
-    source = x.permute(0, 2, 3, 1)
-    if x.is_contiguous() and (h * w * x.element_size()) % 4096 == 0:
-        # Each row reads c values h * w apart; at a multiple of 4 KiB (32x32 or 64x64 float maps) they all
-        # fall into the same cache sets and the copy runs 2-3x slower. Shifting every channel by 64 bytes
-        # first (one fast contiguous copy) avoids it.
-        shifted = x.new_empty(b, c, h * w + 16)
-        shifted[:, :, :h * w].copy_(x.view(b, c, h * w))
-        source = shifted[:, :, :h * w].view(b, c, h, w).permute(0, 2, 3, 1)
-    rows[:b * h * w].view(b, h, w, c).copy_(source)
+    # One permuting copy. (Shifting each channel by 64 bytes first, against cache-set aliasing when the
+    # channel stride is a multiple of 4 KiB, no longer pays with torch 2.14's copy kernel: one thread,
+    # [32, 64, 32, 32] 3.9 -> 3.3 ms and [32, 64, 64, 64] 49 -> 31 ms without it.)
+    rows[:b * h * w].view(b, h, w, c).copy_(x.permute(0, 2, 3, 1))
     rows[b * h * w].zero_()
     return rows
 
@@ -307,3 +304,36 @@ def cell_mean(x: torch.Tensor, cell: Tuple[int, int]) -> torch.Tensor:
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _cell_sum(x, cell).mul_(1.0 / (cell[0] * cell[1]))
     return _CellMean.apply(x, cell)
+
+
+def expert_windows_conv(
+        windows: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        stride: int,
+        num_experts: int,
+) -> torch.Tensor:
+    """``F.conv2d(windows, weight, bias, stride, groups=num_experts)`` (no padding), in whichever form is
+    fastest on CPU for its sizes: windows [s, e * i, wh, ww], weight [e * o, i, k, k] -> [s, e * o, ph, pw].
+
+    - weight larger than the experts' im2col columns (a few slots of a wide stage: 7 x 7 maps at 512
+      channels): the columns (``F.unfold``) times each expert's weight as one batched GEMM, which reads the
+      weight as it is stored;
+    - else weight larger than the windows: the grouped conv on NCHW windows (one copy of the windows instead
+      of converting the weight to channels-last and its gradient back);
+    - else the grouped conv as given (channels-last windows from the gather; its oneDNN kernel is then faster
+      than on NCHW).
+    """
+    e = num_experts
+    s, _, wh, ww = windows.shape
+    eo, i, k, _ = weight.shape
+    ph, pw = (wh - k) // stride + 1, (ww - k) // stride + 1
+    if weight.numel() > s * e * i * k * k * ph * pw:
+        cols = F.unfold(windows, k, stride=stride).view(s, e, i * k * k, ph * pw)
+        out = torch.einsum('eoc,secp->seop', weight.reshape(e, eo // e, i * k * k), cols)
+        if bias is not None:
+            out = out + bias.view(e, eo // e, 1)
+        return out.reshape(s, eo, ph, pw)
+    if weight.numel() > windows.numel():
+        windows = windows.contiguous()
+    return F.conv2d(windows, weight, bias, stride, groups=e)

@@ -15,7 +15,11 @@ from .routing import Routing
 
 
 class SoftDispatch(nn.Module):
-    """``top_k=None``: one conv with e * o channels over the whole map, then the weighted sum over experts.
+    """``top_k=None``: every expert's Conv-BN-ReLU over the whole map, summed with the patch weights.
+
+    The experts run one by one into one output (:meth:`~pce_timm.layers.experts.ConvExperts.forward_weighted`),
+    the same function as one conv with e * o channels followed by the weighted sum, without its e-times-larger
+    product.
 
     Its plan is the patch of every output pixel, which spreads the patch weights [t, e] over the map.
     """
@@ -27,17 +31,15 @@ class SoftDispatch(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing, experts: ConvExperts) -> torch.Tensor:
         """[b, c, h, w] -> [b, o, ho, wo]."""
-        b, e, o = x.shape[0], experts.num_experts, experts.out_chs
+        b, e = x.shape[0], experts.num_experts
         expert_indices, routing_weights = routing.expert_indices, routing.routing_weights
         geometry = patch_geometry(x.shape[2], x.shape[3], self.patch_size, experts.kernel_size, experts.stride)
         plan = self._plan(geometry, b, x.device)
         weights = torch.zeros_like(routing_weights).scatter(1, expert_indices, routing_weights)  # [t, e] by id
-        y = experts.forward_dense(x)  # [b, e * o, ho, wo]
-        ho, wo = y.shape[-2], y.shape[-1]
         n = weights.shape[0] // b
-        weight_map = weights.to(y.dtype).reshape(b, n, e).index_select(1, plan.patch_of_pixel)  # [b, ho*wo, e]
-        weight_map = weight_map.transpose(1, 2).reshape(b, e, 1, ho, wo)
-        return (y.reshape(b, e, o, ho, wo) * weight_map).sum(1)
+        weight_map = weights.to(x.dtype).reshape(b, n, e).index_select(1, plan.patch_of_pixel)  # [b, ho*wo, e]
+        weight_map = weight_map.permute(2, 0, 1).reshape(e, b, 1, geometry.out_h, geometry.out_w)
+        return experts.forward_weighted(x, weight_map)
 
     def _plan(self, geometry: PatchGeometry, batch_size: int, device: torch.device) -> SoftPlan:
         if torch.jit.is_scripting():
