@@ -20,7 +20,7 @@ SHELL := bash
 
 SYSTEM_PYTHON ?= python3
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-APT_PACKAGES := dataset-fashion-mnist
+APT_PACKAGES := dataset-fashion-mnist labelme-examples
 
 VENV := .venv
 PY := $(VENV)/bin/python

