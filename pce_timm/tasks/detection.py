@@ -7,13 +7,14 @@ Anchor sizes are fitted to the image size: torchvision's defaults (32-512 px, on
 so a 128 px canvas has 16-256 px anchors (Fashion-MNIST items of 20-60 px fall on the stride-8 and -16 levels).
 """
 from collections import OrderedDict
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
 import torch
 import torch.nn as nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
 import pce_timm  # noqa: F401  (registers the pce_* models with timm)
@@ -64,6 +65,8 @@ def create_detector(
         out_indices: Sequence[int] = (1, 2, 3, 4),
         image_mean: Sequence[float] = timm.data.IMAGENET_DEFAULT_MEAN,
         image_std: Sequence[float] = timm.data.IMAGENET_DEFAULT_STD,
+        box_head_dim: int = 256,
+        detector_kwargs: Optional[Dict[str, Any]] = None,
         **model_kwargs: Any,
 ) -> nn.Module:
     """A torchvision detector on the timm model ``backbone``.
@@ -77,6 +80,11 @@ def create_detector(
         arch: ``fasterrcnn``, ``retinanet`` or ``fcos``.
         img_size: the training / eval image size; anchors and the internal resize follow it.
         out_indices: the backbone stages fed to the FPN (strides 4-32 for a ResNet).
+        box_head_dim: Faster R-CNN's box head width (torchvision: 1024 for 800 px COCO images; the default 256
+            suits a few objects on small canvases and costs a quarter of the head's compute).
+        detector_kwargs: further arguments of torchvision's detector class; Faster R-CNN's defaults here are
+            sized for small images (1000 / 500 RPN proposals before / after NMS in training, 500 / 300 in
+            eval, 128 sampled boxes per image), every one overridable.
         model_kwargs: go to ``timm.create_model`` (``pce_stages``, ``patch_size``, ``channels``, ...).
 
     Raises:
@@ -96,13 +104,19 @@ def create_detector(
     common = dict(min_size=img_size, max_size=img_size, image_mean=mean, image_std=std)
     if arch == 'fasterrcnn':
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        model = FasterRCNN(fpn, num_classes=num_classes, rpn_anchor_generator=anchors, **common)
+        small = dict(rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500, rpn_pre_nms_top_n_test=500,
+                     rpn_post_nms_top_n_test=300, box_batch_size_per_image=128)
+        resolution = 7  # torchvision's MultiScaleRoIAlign output size
+        box_head = TwoMLPHead(fpn_channels * resolution ** 2, box_head_dim)
+        model = FasterRCNN(fpn, num_classes=None, rpn_anchor_generator=anchors, box_head=box_head,
+                           box_predictor=FastRCNNPredictor(box_head_dim, num_classes),
+                           **common, **{**small, **(detector_kwargs or {})})
     elif arch == 'retinanet':
         scaled = tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for (s,) in sizes)
         anchors = AnchorGenerator(scaled, ((0.5, 1.0, 2.0),) * len(sizes))
-        model = RetinaNet(fpn, num_classes=num_classes, anchor_generator=anchors, **common)
+        model = RetinaNet(fpn, num_classes=num_classes, anchor_generator=anchors, **common, **(detector_kwargs or {}))
     else:
         anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
-        model = FCOS(fpn, num_classes=num_classes, anchor_generator=anchors, **common)
+        model = FCOS(fpn, num_classes=num_classes, anchor_generator=anchors, **common, **(detector_kwargs or {}))
     model.arch = arch
     return model
