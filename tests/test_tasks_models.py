@@ -89,3 +89,18 @@ def test_bad_arguments_are_named():
         create_detector('resnet18', 1)
     with pytest.raises(ValueError, match="arch: got 'segformer'"):
         create_segmenter('resnet18', 3, 'segformer')
+
+
+def test_benchmark_dense_cases_pair_each_pce_model_with_its_dense_twin():
+    from pce_timm.benchmark import CaseTimer
+    from pce_timm.benchmark_dense import dense_cases
+
+    cases = dense_cases(size=64, batch_size=1)
+    assert [c.name for c in cases] == ['fasterrcnn resnet18 (dense twin)', 'fasterrcnn pce_resnet18',
+                                       'unet resnet18 (dense twin)', 'unet pce_resnet18']
+    for dense, pce in (cases[:2], cases[2:]):
+        assert pce.info['baseline'] == dense.name and pce.ref == {dense.name: 1.0}
+        assert pce.info['params_m'] > dense.info['params_m'] and pce.info['gmacs'] > 0
+        assert pce_layers(pce.build()) and not pce_layers(dense.build())
+    times = CaseTimer(cases, lambda: torch.rand(1, 3, 64, 64)).round()  # one eval forward + train step each
+    assert set(times) == {c.name for c in cases} and all(f > 0 and t > 0 for f, t in times.values())
