@@ -3,8 +3,9 @@
 (phases, aux routing losses, K-Means key init, checkpoints, --resume, trackers) plus --arch.
 
     python scripts/make_dense_dataset.py --output-dir data/composed --num-train 600 --num-val 200
-    python scripts/train_segmentation.py --config scripts/configs/dense_segmentation.yaml --data-dir data/composed --output-dir runs/x
-    accelerate launch --multi_gpu --num_processes 2 scripts/train_segmentation.py --config ...   # N processes (CPU: gloo)
+    python scripts/train_segmentation.py --config scripts/configs/dense_segmentation.yaml \
+        --data-dir data/composed --output-dir runs/x
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_segmentation.py --config ...  # 2 ranks (CPU: gloo)
     python scripts/train_segmentation.py --resume runs/x                                        # continue a run
     python scripts/evaluate_dense.py runs/x                                              # evaluate it again
 

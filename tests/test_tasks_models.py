@@ -27,7 +27,8 @@ def test_every_pce_resnet_is_an_smp_encoder(name, arch):
 
 
 def test_deeplab_on_a_pce_stage_3_names_the_stages_that_fit():
-    with pytest.raises(ValueError, match=r'output_stride=16 dilates stage\(s\) \(3,\).*16: pce_stages within \(0, 1, 2\)'):
+    fits = r'output_stride=16 dilates stage\(s\) \(3,\).*16: pce_stages within \(0, 1, 2\)'
+    with pytest.raises(ValueError, match=fits):
         create_segmenter('pce_resnet18', 3, 'deeplabv3plus')
 
 
@@ -104,3 +105,17 @@ def test_benchmark_dense_cases_pair_each_pce_model_with_its_dense_twin():
         assert pce_layers(pce.build()) and not pce_layers(dense.build())
     times = CaseTimer(cases, lambda: torch.rand(1, 3, 64, 64)).round()  # one eval forward + train step each
     assert set(times) == {c.name for c in cases} and all(f > 0 and t > 0 for f, t in times.values())
+
+
+def test_small_patch_grids_are_warned_about(caplog):
+    from pce_timm.tasks.loop import warn_small_patch_grids
+
+    model = create_segmenter('pce_resnet18', 3, 'unet', **SMALL)  # zoo default: PCE in stages 2-3
+    with caplog.at_level('WARNING'):
+        grids = warn_small_patch_grids(model, 128, 'segmentation')
+    assert grids and min(min(g) for g in grids.values()) < 4 and 'fewer than 4x4 patches at 128 px' in caplog.text
+    caplog.clear()
+    model = create_segmenter('pce_resnet18', 3, 'unet', **SMALL, pce_stages=(1, 2), patch_size=(8, 4, 2, 2))
+    with caplog.at_level('WARNING'):
+        grids = warn_small_patch_grids(model, 128, 'segmentation')
+    assert set(grids.values()) == {(4, 4)} and not caplog.text

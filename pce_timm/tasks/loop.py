@@ -12,6 +12,7 @@ eval split, ``per_class`` values, per-PCE-layer ``routing`` statistics, ``wall_t
 """
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -37,6 +38,7 @@ from .segmentation import SEGMENTATION_ARCHS, create_segmenter
 __all__ = ['DetectionTask', 'SegmentationTask', 'build_dense_parser', 'parse_dense_args', 'train_dense',
            'load_dense_model', 'evaluate_dense_run', 'DENSE_CONFIG_FILE', 'DENSE_KEYS']
 
+_logger = logging.getLogger(__name__)
 DENSE_CONFIG_FILE = 'dense_config.json'
 DENSE_KEYS = ('arch', 'output_stride', 'fpn_channels')  # recipe keys of the dense scripts beyond train.py's
 DEFAULT_IMG_SIZE = 128
@@ -111,9 +113,11 @@ class _DenseTask(Task):
 
     def build_model(self, cfg: TrainConfig, data: DenseData) -> Tuple[nn.Module, List[nn.Module]]:
         try:
-            return create_dense_model(self.model_config(cfg, data)), []
+            model = create_dense_model(self.model_config(cfg, data))
         except ValueError as e:
             raise RecipeError(f'model: {e}') from None
+        warn_small_patch_grids(model, data.img_size[0], self.name)
+        return model, []
 
     def build_loaders(self, cfg: TrainConfig, data: DenseData) -> Dict[str, Any]:
         import os
@@ -184,6 +188,37 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+MIN_GRID = 4  # patches per side every PCE layer should route at the task's resolution
+
+
+@torch.no_grad()
+def patch_grids(model: nn.Module, img_size: int, task: str) -> Dict[str, Tuple[int, int]]:
+    """Each PCE layer's patch grid for one ``img_size`` image (one eval forward; the RNGs are left as they were)."""
+    layers = pce_layers(model)
+    if not layers:
+        return {}
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]):
+        model.eval()
+        x = torch.zeros(1, 3, img_size, img_size, device=next(model.parameters()).device)
+        model(list(x) if task == 'detection' else x)
+    model.train(was_training)
+    return {name: tuple(layer.last_grid_size) for name, layer in layers.items()}
+
+
+def warn_small_patch_grids(model: nn.Module, img_size: int, task: str) -> Dict[str, Tuple[int, int]]:
+    """Log a warning when a PCE layer routes fewer than 4x4 patches: then position barely matters to routing."""
+    grids = patch_grids(model, img_size, task)
+    small = {name: grid for name, grid in grids.items() if min(grid) < MIN_GRID}
+    if small:
+        _logger.warning(
+            'PCE layers route fewer than %dx%d patches at %d px: %s. Positional routing needs a real grid: raise '
+            '--img-size or give those stages smaller patches (--model-kwargs patch_size=[...], one per stage, in '
+            'px of the stage output map; scripts/configs/dense_*.yaml: [8, 4, 2, 2] with pce_stages [1, 2] at 128 px)',
+            MIN_GRID, MIN_GRID, img_size, ', '.join(f'{n} {g[0]}x{g[1]}' for n, g in small.items()))
+    return grids
 
 
 def create_dense_model(config: Dict[str, Any]) -> nn.Module:

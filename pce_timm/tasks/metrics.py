@@ -75,8 +75,9 @@ class DetectionMetric:
         """``map_50``, ``map`` and ``per_class`` (name -> {ap_50, ap}; None for a class with no boxes)."""
         coco, voc = self.coco.compute(), self.voc.compute()
         per_class: Dict[str, Dict[str, Optional[float]]] = {}
-        ap50 = dict(zip(voc['classes'].reshape(-1).tolist(), voc['map_per_class'].reshape(-1).tolist()))
-        for cls, ap in zip(coco['classes'].reshape(-1).tolist(), coco['map_per_class'].reshape(-1).tolist()):
+        ap50 = dict(zip(voc['classes'].reshape(-1).tolist(), voc['map_per_class'].reshape(-1).tolist(), strict=True))
+        for cls, ap in zip(coco['classes'].reshape(-1).tolist(), coco['map_per_class'].reshape(-1).tolist(),
+                           strict=True):
             name = self.class_names[cls] if 0 <= cls < len(self.class_names) else str(cls)
             per_class[name] = {'ap_50': _number(torch.tensor(ap50.get(cls, -1.0))), 'ap': _number(torch.tensor(ap))}
         return {'map_50': _number(coco['map_50']), 'map': _number(coco['map']),
