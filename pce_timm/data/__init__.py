@@ -6,10 +6,11 @@
     loader = create_loader(train, transform, batch_size=128, shuffle=True, seed=0)
 
 See `load.py` for where datasets are searched, and `sources.py` for the local layouts understood.
-Detection and segmentation (Pascal VOC, Camelyon tiles): `dense.py` (`dense_dataset`, `detection_collate`).
+Detection and segmentation (Pascal VOC, Camelyon tiles): `dense.py` (`dense_dataset`, `detection_collate`); PCam
+(HDF5) is a classification dataset of `load_image_dataset` (`camelyon.py`); `compose.py` writes the composed set.
 """
 from .augment import BlackPatches, ChannelBoost
-from .camelyon import CAMELYON_CLASSES, TileSegmentation
+from .camelyon import CAMELYON_CLASSES, TileSegmentation, load_pcam
 from .dense import dense_dataset, detection_collate
 from .load import hub_reachable, is_offline, load_image_dataset
 from .loader import ImageClassificationDataset, create_loader, subset_indices
@@ -20,7 +21,7 @@ from .voc import IGNORE_INDEX, VOC_CLASSES, DenseDataError, VOCDetection, VOCSeg
 
 __all__ = [
     'CAMELYON_CLASSES', 'IGNORE_INDEX', 'VOC_CLASSES', 'DenseDataError', 'TileSegmentation', 'VOCDetection',
-    'VOCSegmentation', 'dense_dataset', 'detection_collate', 'find_voc_root',
+    'VOCSegmentation', 'dense_dataset', 'detection_collate', 'find_voc_root', 'load_pcam',
     'BlackPatches', 'ChannelBoost', 'ConvertImageMode', 'DatasetNotFoundError', 'DatasetSpec',
     'ImageClassificationDataset', 'arrays_to_dataset', 'create_dataset_transform', 'create_loader', 'dataset_info',
     'get_dataset_spec', 'hub_reachable', 'is_offline', 'list_datasets', 'load_image_dataset', 'read_idx',

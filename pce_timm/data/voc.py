@@ -238,6 +238,8 @@ class _VOCBase(Dataset):
         self.split = split
         self.transforms = transforms
         stems = self._split_stems(split)
+        if not stems:
+            raise DenseDataError(f'{self._split_source()} gives no images for split {split!r}.')
         if max_samples is not None and max_samples < len(stems):
             stems = [stems[i] for i in subset_indices(len(stems), max_samples, seed).tolist()]
         self.stems = stems
@@ -274,7 +276,9 @@ class _VOCBase(Dataset):
 
     def _split_source(self) -> str:
         split_file = self.root / 'ImageSets' / self.split_folder / f'{self.split}.txt'
-        return str(split_file) if split_file.is_file() else f'{self.root}'
+        if split_file.is_file():
+            return str(split_file)
+        return f'{self.root} (no ImageSets/{self.split_folder}/, so every annotated or masked image)'
 
     @staticmethod
     def _check_size(image: tv_tensors.Image, expected: tuple[int, int] | None, xml_path: Path,
