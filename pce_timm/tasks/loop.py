@@ -133,7 +133,13 @@ class _DenseTask(Task):
 
     def evaluate(self, ctx: RunContext, desc: str) -> Dict[str, Any]:
         acc = ctx.accelerator
-        return evaluate_dense(acc.unwrap_model(ctx.model), ctx.loaders['eval'], self.name, ctx.data.classes,
+        model = acc.unwrap_model(ctx.model)
+        if acc.num_processes > 1:
+            # every rank updated its BatchNorm statistics on its own last batch; evaluate (and export) rank 0's,
+            # as DDP's own forward would broadcast them
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
+        return evaluate_dense(model, ctx.loaders['eval'], self.name, ctx.data.classes,
                               acc.device, progress=ctx.cfg.log.progress and acc.is_local_main_process, desc=desc,
                               reduce=acc.reduce if acc.num_processes > 1 else None)
 
