@@ -592,7 +592,12 @@ def section_cases(spec: Dict[str, object]) -> Tuple[List[Case], Callable[[], tor
 
         size, batch = spec['size'], spec['batch_size']
         return model_cases(spec['models'], size, batch), lambda: torch.randn(batch, 3, size, size)
-    raise ValueError(f"section must be 'layers', 'bound' or 'models', got {section!r}")
+    if section == 'dense':
+        from .benchmark_dense import dense_cases
+
+        size, batch = spec['size'], spec['batch_size']
+        return dense_cases(size, batch), lambda: torch.rand(batch, 3, size, size)
+    raise ValueError(f"section must be 'layers', 'bound', 'models' or 'dense', got {section!r}")
 
 
 def _apply_process_setting() -> bool:

@@ -7,6 +7,7 @@
     python scripts/benchmark.py --old-rev main       # + the same cases on the code of git revision main
     python scripts/benchmark.py --section models     # PCE models next to timm's dense models, 224 px, b32
     python scripts/benchmark.py --section models --models pce_resnet18_e8 --model-rounds 5
+    python scripts/benchmark.py --section dense      # detector + segmenter, PCE vs dense backbone, 128 px, b8
     python scripts/benchmark.py --profile 'pce E=8 top-1'   # where one layer case spends its training step
     python scripts/benchmark.py --section bound --rounds 30  # top-1 with free gathers: can faster gathers reach 1.25x?
 
@@ -48,10 +49,11 @@ from pce_timm.benchmark import (
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--section', choices=('layers', 'bound', 'models', 'all'), default='layers',
+    parser.add_argument('--section', choices=('layers', 'bound', 'models', 'dense', 'all'), default='layers',
                         help="layers: the layer table and its goals; bound: top-1 PCE with its two gathers made free "
                              "(a lower bound for any gather implementation) next to its dense blocks; "
-                             "models: whole PCE models next to timm's dense ones; all: the three")
+                             "models: whole PCE models next to timm's dense ones; dense: the dense recipes' "
+                             "detector and segmenter with a PCE vs a dense backbone; all: the four")
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--channels', type=int, default=64)
     parser.add_argument('--size', type=int, default=32, help='layer input height = width')
@@ -64,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--model-size', type=int, default=224, help='models section: input height = width')
     parser.add_argument('--model-batch-size', type=int, default=32)
     parser.add_argument('--model-rounds', type=int, default=3, help='models section: timed rounds per model')
+    parser.add_argument('--dense-size', type=int, default=128, help='dense section: image height = width')
+    parser.add_argument('--dense-batch-size', type=int, default=8)
+    parser.add_argument('--dense-rounds', type=int, default=3, help='dense section: timed rounds per model')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
     parser.add_argument('--tuned', action='store_true',
                         help=f'also time every case in a worker with glibc malloc tuning ({PROCESSES["glibc tuned"]})')
@@ -79,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(a name from the layer or bound table, e.g. 'pce E=8 top-1'), in this plain process")
     args = parser.parse_args(argv)
     for name in ('batch_size', 'channels', 'size', 'patch_size', 'kernel_size', 'rounds', 'model_size',
-                 'model_batch_size', 'model_rounds'):
+                 'model_batch_size', 'model_rounds', 'dense_size', 'dense_batch_size', 'dense_rounds'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
     if args.jemalloc == 'auto':
@@ -189,6 +194,30 @@ def run_models(args: argparse.Namespace, variants: list) -> dict:
     return out
 
 
+def run_dense(args: argparse.Namespace, variants: list) -> dict:
+    from pce_timm.benchmark_models import format_model_table, model_rows
+
+    size, batch = args.dense_size, args.dense_batch_size
+    spec = {'section': 'dense', 'size': size, 'batch_size': batch, 'threads': args.threads}
+    results = time_variants(spec, variants, rounds=args.dense_rounds, warmup=1, desc='dense')
+    rows = {r.variant.label: model_rows(r.timings, batch) for r in results}
+    print(f'\nDense tasks: batch {batch}, {size}x{size} px, {_setting(results, args.dense_rounds)}; backbone '
+          'widths 16-128, PCE in stages 1-2 (4x4 patch grids), 4 experts top-1; x = throughput / the dense twin '
+          '(higher is better); train = loss + backward (detector: torchvision losses)\n')
+    labels = list(rows)
+    primary_rows = rows[labels[0]]
+    if len(labels) == 1:
+        print(format_model_table(primary_rows))
+    else:
+        interleaved = [(label, rows[label][i]) for i in range(len(primary_rows)) for label in labels]
+        print(format_model_table([row for _, row in interleaved], processes=[label for label, _ in interleaved]))
+    _print_new_over_old(results)
+    out = _section_json(results, {'input_size': [batch, 3, size, size], 'rows': primary_rows}, lambda t: {})
+    for r in results:
+        out['variants'][r.variant.label]['rows'] = rows[r.variant.label]
+    return out
+
+
 def run_profile(args: argparse.Namespace) -> int:
     sizes = args.channels, args.patch_size, args.kernel_size
     cases = {case.name: case for case in layer_cases(*sizes) + bound_cases(*sizes)}
@@ -210,8 +239,8 @@ def run(args: argparse.Namespace, old=None) -> dict:
           + (f'; code: {THIS_TREE} and {old[0]}' if old else ''))
     results = {'torch': torch.__version__,
                'variants': [{'label': v.label, 'code': v.code, 'process': v.process} for v in variants]}
-    sections = ('layers', 'bound', 'models') if args.section == 'all' else (args.section,)
-    runners = {'layers': run_layers, 'bound': run_bound, 'models': run_models}
+    sections = ('layers', 'bound', 'models', 'dense') if args.section == 'all' else (args.section,)
+    runners = {'layers': run_layers, 'bound': run_bound, 'models': run_models, 'dense': run_dense}
     for section in sections:
         results[section] = runners[section](args, variants)
     return results

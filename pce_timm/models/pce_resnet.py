@@ -277,6 +277,24 @@ def _check_pce_kwargs(pce_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     return pce_kwargs
 
 
+# output_stride -> the stages timm's ResNet dilates (stride 1) instead of striding
+DILATED_STAGES = {32: (), 16: (3,), 8: (2, 3)}
+
+
+def _check_output_stride(output_stride: int, pce_stages: Tuple[int, ...]) -> None:
+    if output_stride not in DILATED_STAGES:
+        raise ValueError(f'output_stride must be one of {tuple(DILATED_STAGES)}, got {output_stride!r}')
+    dilated = DILATED_STAGES[output_stride]
+    clash = sorted(set(dilated) & set(pce_stages))
+    if clash:
+        fits = ', '.join(f'{stride}: pce_stages within {tuple(i for i in range(4) if i not in stages)}'
+                         for stride, stages in DILATED_STAGES.items())
+        raise ValueError(
+            f'output_stride={output_stride} dilates stage(s) {dilated}, but stage(s) {clash} are PCE stages '
+            f'(pce_stages={pce_stages}) and PCE layers have no dilated experts. Output strides and the PCE stages '
+            f'they allow: {fits}. Use output_stride=32 (e.g. Unet / FPN), or move PCE to earlier stages.')
+
+
 def _layer_top_k(top_k: Union[int, str, None]) -> Optional[int]:
     """The model's ``top_k`` as PCEConv2d takes it: 'soft' / None -> None (soft routing), else the int."""
     if top_k is None or top_k == SOFT:
@@ -323,6 +341,7 @@ class PCEResNet(ResNet):
             mix_conv: Optional[bool] = False,
             pce_kwargs: Optional[Dict[str, Any]] = None,
             expert_counts: Optional[Dict[str, int]] = None,
+            output_stride: int = 32,
             device=None,
             dtype=None,
     ):
@@ -353,6 +372,9 @@ class PCEResNet(ResNet):
             expert_counts: PCE layer name (e.g. ``'layer3.0.conv1'``) -> its number of experts, for the layers
                 that differ from ``num_experts``. Expert surgery (:mod:`pce_timm.analysis.surgery`) records its
                 result here, so a saved pruned or reinforced model rebuilds with the right shapes.
+            output_stride: 32, 16 or 8, as timm's ResNet: 16 dilates stage 3 instead of striding it, 8 stages 2
+                and 3 (DeepLabV3+ asks for 16). PCE layers have no dilated experts, so a dilated stage must be
+                dense: a ValueError names the stages ``output_stride`` dilates and the ``pce_stages`` that fit.
         """
         if len(layers) != 4 or len(channels) != 4:
             raise ValueError(f'layers and channels must have 4 stages, got layers={layers!r}, channels={channels!r}')
@@ -361,6 +383,7 @@ class PCEResNet(ResNet):
         if stem_type not in STEM_TYPES:
             raise ValueError(f'stem_type must be one of {STEM_TYPES}, got {stem_type!r}')
         pce_stages = _check_pce_stages(pce_stages, len(layers))
+        _check_output_stride(output_stride, pce_stages)
         patch_sizes = _per_stage('patch_size', patch_size, len(layers))
         pce_kwargs = _check_pce_kwargs(pce_kwargs)
 
@@ -379,7 +402,7 @@ class PCEResNet(ResNet):
             global_pool=global_pool, stem_width=stem_width, stem_type='' if stem_type == 'cifar' else stem_type,
             channels=tuple(channels), avg_down=avg_down, act_layer=act_layer, norm_layer=norm_layer,
             drop_rate=drop_rate, drop_path_rate=drop_path_rate, drop_block_rate=drop_block_rate,
-            zero_init_last=zero_init_last, device=device, dtype=dtype)
+            zero_init_last=zero_init_last, output_stride=output_stride, device=device, dtype=dtype)
         self.pce_stages = pce_stages
         if stem_type == 'cifar':
             self._use_cifar_stem(in_chans, device=device, dtype=dtype)

@@ -280,12 +280,15 @@ def config_dict(cfg: TrainConfig) -> Dict[str, Any]:
     return out
 
 
-def save_config(cfg: TrainConfig, output_dir: str | os.PathLike) -> Path:
-    """Write the resolved config to ``<output_dir>/config.yaml`` (a recipe: ``--config`` reads it back)."""
+def save_config(cfg: TrainConfig, output_dir: str | os.PathLike, extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write the resolved config to ``<output_dir>/config.yaml`` (a recipe: ``--config`` reads it back).
+
+    ``extra``: recipe keys of a script's own parser beyond :class:`TrainConfig`'s (the dense scripts' ``arch``).
+    """
     path = Path(output_dir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open('w') as f:
-        yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
+        yaml.safe_dump({**config_dict(cfg), **(extra or {})}, f, sort_keys=False)
     return path
 
 

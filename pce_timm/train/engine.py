@@ -85,6 +85,13 @@ class Criterion:
         aux, parts = collect_aux_loss(model, self.weights)
         return ce + aux, {'ce': ce.detach(), **{f'aux_{k}': v.detach() for k, v in parts.items()}}
 
+    def step(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+        """One training forward: mixup (when on), the model, the loss. Returns ``(loss, logged parts)``; the
+        dense tasks' criteria (:mod:`pce_timm.tasks.loop`) have the same method, so one loop trains both."""
+        if self.mixup is not None:
+            x, target = self.mixup(x, target)
+        return self(model, model(x), target)
+
 
 def _check_finite(ctx, loss: torch.Tensor) -> None:
     """Stop on a NaN/inf loss on any process, before the update is applied, naming the last good checkpoint."""
@@ -132,10 +139,7 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
             state.phase = phase.name
             set_lr(ctx.scheduler, ctx.optimizer, epoch, state.update)
         with acc.accumulate(model):
-            if ctx.criterion.mixup is not None:
-                x, y = ctx.criterion.mixup(x, y)
-            logits = model(x)
-            loss, parts = ctx.criterion(model, logits, y)
+            loss, parts = ctx.criterion.step(model, x, y)
             _check_finite(ctx, loss)
             acc.backward(loss)
             if acc.sync_gradients and cfg.optim.clip_grad:

@@ -42,7 +42,7 @@ from .router_keys import fit_router_keys
 from .schedule import check_phases_fit_model, needs_unused_parameters
 from .trackers import build_trackers
 
-__all__ = ['train', 'RunContext', 'build_accelerator', 'export_model', 'RESULTS_FILE']
+__all__ = ['train', 'RunContext', 'Task', 'ClassificationTask', 'build_accelerator', 'export_model', 'RESULTS_FILE']
 
 _logger = logging.getLogger(__name__)
 RESULTS_FILE = 'results.json'
@@ -60,7 +60,8 @@ class RunContext:
     criterion: Criterion
     phases: PhaseController
     state: TrainerState
-    data: DataBundle
+    data: Any  # DataBundle for classification; the task's own bundle otherwise
+    task: 'Task' = None
     last_checkpoint: Optional[str] = None
     frozen_norms: Tuple[nn.Module, ...] = ()
 
@@ -113,11 +114,91 @@ def _check_output_dir(output_dir: Path, resume_from: Optional[Path]) -> None:
 ModelFn = Callable[[TrainConfig, DataBundle], Tuple[nn.Module, List[nn.Module]]]
 
 
-def _setup(cfg: TrainConfig, model_fn: Optional[ModelFn] = None) -> RunContext:
+class Task:
+    """What a run trains and measures; :func:`train` runs the same loop (accelerate, phases, aux losses, K-Means
+    keys, checkpoints, resume, trackers) for every task. :class:`ClassificationTask` is the default;
+    :mod:`pce_timm.tasks.loop` has detection and segmentation.
+
+    ``metric_keys`` are the evaluation numbers that go into each epoch's history, the trackers and
+    ``results.json`` (in this order); ``prepare_eval`` says whether accelerate shards the eval loader (else
+    the task shards it itself, e.g. for torchmetrics, which gathers across processes by itself).
+    """
+    name = 'task'
+    metric_keys: Tuple[str, ...] = ()
+    prepare_eval = True
+
+    def load_data(self, cfg: TrainConfig) -> Any:
+        raise NotImplementedError
+
+    def build_model(self, cfg: TrainConfig, data: Any) -> Tuple[nn.Module, List[nn.Module]]:
+        raise NotImplementedError
+
+    def build_loaders(self, cfg: TrainConfig, data: Any) -> Dict[str, Any]:
+        """``train`` (with ``set_epoch``), ``train_sampler``, ``key_init`` (yields ``(tensor, _)``) and ``eval``."""
+        raise NotImplementedError
+
+    def criterion(self, cfg: TrainConfig, data: Any) -> Any:
+        """An object with ``step(model, x, y) -> (loss, parts)`` (see :class:`.engine.Criterion`)."""
+        raise NotImplementedError
+
+    def evaluate(self, ctx: 'RunContext', desc: str) -> Dict[str, Any]:
+        """``loss`` (or None), ``routing`` (per PCE layer) and the ``metric_keys``."""
+        raise NotImplementedError
+
+    def describe(self, metrics: Dict[str, Any]) -> str:
+        return ', '.join(f'{k} {metrics[k]:.4f}' for k in self.metric_keys if metrics.get(k) is not None)
+
+    def export(self, ctx: 'RunContext', model_dir: Path) -> None:
+        raise NotImplementedError
+
+    def config(self) -> Dict[str, Any]:
+        """The task's own recipe keys, saved in ``config.yaml`` and ``results.json`` next to the config's."""
+        return {}
+
+    def finish(self, ctx: 'RunContext', metrics: Dict[str, Any], output_dir: Path) -> Dict[str, Any]:
+        """After export: extra ``results.json`` entries (and files the task writes, on the main process)."""
+        return {}
+
+
+class ClassificationTask(Task):
+    """Image classification: the datasets of :mod:`pce_timm.data`, CE + aux losses, top-1 / top-5."""
+    name = 'classification'
+    metric_keys = ('top1', 'top5')
+
+    def __init__(self, model_fn: Optional[ModelFn] = None):
+        self.model_fn = model_fn
+
+    def load_data(self, cfg: TrainConfig) -> DataBundle:
+        return load_data(cfg.data)
+
+    def build_model(self, cfg: TrainConfig, data: DataBundle) -> Tuple[nn.Module, List[nn.Module]]:
+        if self.model_fn:
+            return self.model_fn(cfg, data)
+        return create_train_model(cfg.model, data.num_classes, data.in_chans), []
+
+    def build_loaders(self, cfg: TrainConfig, data: DataBundle) -> Dict[str, Any]:
+        return build_loaders(cfg.data, cfg.augment, data, cfg.seed)
+
+    def criterion(self, cfg: TrainConfig, data: DataBundle) -> Criterion:
+        return Criterion(cfg.loss, create_mixup(cfg.augment, cfg.loss.smoothing, data.num_classes))
+
+    def evaluate(self, ctx: 'RunContext', desc: str) -> Dict[str, Any]:
+        return evaluate(ctx.model, ctx.loaders['eval'], ctx.accelerator, ctx.data.num_classes, ctx.cfg.log.progress,
+                        desc=desc)
+
+    def describe(self, metrics: Dict[str, Any]) -> str:
+        return f"top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}"
+
+    def export(self, ctx: 'RunContext', model_dir: Path) -> None:
+        export_model(ctx, model_dir)
+
+
+def _setup(cfg: TrainConfig, model_fn: Optional[ModelFn] = None, task: Optional[Task] = None) -> RunContext:
+    task = task or ClassificationTask(model_fn)
     output_dir = Path(cfg.checkpoint.output_dir)
     resume_from = resolve_resume(cfg.checkpoint.resume, output_dir)
     _check_output_dir(output_dir, resume_from)
-    data = load_data(cfg.data)  # a missing / unreadable dataset stops here, before anything is built
+    data = task.load_data(cfg)  # a missing / unreadable dataset stops here, before anything is built
     accelerator = build_accelerator(cfg, output_dir)
     phases = cfg.schedule.phases
     if accelerator.distributed_type == DistributedType.FSDP and any(p.ema_keys for p in phases):
@@ -125,13 +206,10 @@ def _setup(cfg: TrainConfig, model_fn: Optional[ModelFn] = None) -> RunContext:
                           'keys are sharded); accepted under FSDP: routing positional, uniform or router with '
                           'keys learnable / frozen')
     set_seed(cfg.seed)
-    if model_fn:
-        model, frozen_norms = model_fn(cfg, data)
-    else:
-        model, frozen_norms = create_train_model(cfg.model, data.num_classes, data.in_chans), []
+    model, frozen_norms = task.build_model(cfg, data)
     frozen_norms = list(frozen_norms) + freeze_parts(model, cfg.model.freeze or [])
     check_phases_fit_model(phases, model)
-    loaders = build_loaders(cfg.data, cfg.augment, data, cfg.seed)
+    loaders = task.build_loaders(cfg, data)
     state = TrainerState()
     model.to(accelerator.device)
     if resume_from is None and cfg.model.key_init == 'kmeans' and not starts_from_trained(cfg.model):
@@ -139,16 +217,20 @@ def _setup(cfg: TrainConfig, model_fn: Optional[ModelFn] = None) -> RunContext:
                                  accelerator.device, cfg.log.progress and accelerator.is_local_main_process)
         state.keys_initialised = bool(fitted)
     optimizer = create_optimizer(cfg.optim, model)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(
-        model, optimizer, loaders['train'], loaders['eval'])
+    if task.prepare_eval:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(
+            model, optimizer, loaders['train'], loaders['eval'])
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders['train'])
+        eval_loader = loaders['eval']
     scheduler = create_scheduler(cfg.schedule, optimizer,
                                  updates_per_epoch(len(train_loader), cfg.optim.grad_accum_steps))
     loaders.update(train=train_loader, eval=eval_loader)
     accelerator.register_for_checkpointing(state)
-    criterion = Criterion(cfg.loss, create_mixup(cfg.augment, cfg.loss.smoothing, data.num_classes))
+    criterion = task.criterion(cfg, data)
     ctx = RunContext(cfg, accelerator, model, optimizer, scheduler, loaders, criterion,
                      PhaseController(accelerator.unwrap_model(model), optimizer, tuple(phases)), state, data,
-                     frozen_norms=tuple(frozen_norms))
+                     task=task, frozen_norms=tuple(frozen_norms))
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         # past every folder, also one left incomplete by a kill (accelerate refuses to overwrite a folder)
@@ -181,15 +263,21 @@ def _epoch_record(ctx: RunContext, epoch: int, losses: Dict[str, float], metrics
     entry = {'epoch': epoch + 1, 'phase': state.phase, 'updates': state.update, 'lr': lr,
              'train_loss': losses.get('loss'), 'train_ce': losses.get('ce'),
              'aux_entropy': losses.get('aux_entropy'), 'aux_balance': losses.get('aux_balance'),
-             'aux_z_loss': losses.get('aux_z_loss'), 'eval_loss': metrics['loss'], 'top1': metrics['top1'],
-             'top5': metrics['top5'], 'epoch_time_s': round(epoch_time, 3)}
+             'aux_z_loss': losses.get('aux_z_loss'), 'eval_loss': metrics['loss'],
+             **{key: metrics[key] for key in ctx.task.metric_keys}, 'epoch_time_s': round(epoch_time, 3)}
+    for key, value in losses.items():  # a task's own loss parts (detection: torchvision's)
+        if key not in ('loss', 'ce') and not key.startswith('aux_'):
+            entry[f'train_{key}'] = value
     state.history.append(entry)
     layers = {name: {k: r[k] for k in ('usage_entropy', 'imbalance', 'mean_router_entropy', 'dead_experts',
                                        'usage_share', 'usage_counts')}
               for name, r in metrics['routing'].items()}
     state.routing_history.append({'epoch': epoch + 1, 'phase': state.phase, 'layers': layers})
     scalars = {f'train/{k}': v for k, v in losses.items()}
-    scalars.update({'eval/top1': metrics['top1'], 'eval/top5': metrics['top5'], 'eval/loss': metrics['loss']})
+    scalars.update({f'eval/{key}': metrics[key] for key in ctx.task.metric_keys
+                    if isinstance(metrics[key], (int, float))})
+    if metrics['loss'] is not None:
+        scalars['eval/loss'] = metrics['loss']
     for name, r in metrics['routing'].items():
         scalars[f'routing/{name}/usage_entropy'] = r['usage_entropy']
         scalars[f'routing/{name}/dead_experts'] = len(r['dead_experts'])
@@ -200,15 +288,18 @@ def _epoch_record(ctx: RunContext, epoch: int, losses: Dict[str, float], metrics
     routing = (f", usage entropy {summary['mean_usage_entropy']:.3f}, dead experts {summary['dead_experts']}"
                if summary else '')
     ctx.accelerator.print(f"epoch {epoch + 1}/{ctx.cfg.schedule.epochs} [{state.phase}] "
-                          f"train loss {entry['train_loss']:.4f}, eval loss {metrics['loss']:.4f}, "
-                          f"top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}{routing} ({epoch_time:.1f}s)")
+                          f"train loss {entry['train_loss']:.4f}, "
+                          + (f"eval loss {metrics['loss']:.4f}, " if metrics['loss'] is not None else '')
+                          + f"{ctx.task.describe(metrics)}{routing} ({epoch_time:.1f}s)")
 
 
-def train(cfg: TrainConfig, model_fn: Optional[ModelFn] = None) -> Dict[str, Any]:
+def train(cfg: TrainConfig, model_fn: Optional[ModelFn] = None, task: Optional[Task] = None) -> Dict[str, Any]:
     """Run (or resume) training as configured by ``cfg`` (see :func:`.config.parse_args`).
 
     ``model_fn(cfg, data) -> (model, frozen_norms)`` replaces ``timm.create_model`` (fine-tuning uses it);
-    ``frozen_norms`` are norm layers kept in eval mode while training.
+    ``frozen_norms`` are norm layers kept in eval mode while training. ``task`` (default: classification with
+    ``model_fn``) is what is trained and measured (:class:`Task`; detection / segmentation:
+    :mod:`pce_timm.tasks.loop`).
 
     Returns:
         The content of ``results.json`` (every process gets the same dict; only the main one writes files).
@@ -219,13 +310,16 @@ def train(cfg: TrainConfig, model_fn: Optional[ModelFn] = None) -> Dict[str, Any
         NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept and named.
     """
     started = time.time()
-    ctx = _setup(cfg, model_fn)
+    if task is not None and model_fn is not None:
+        raise ValueError('train: pass model_fn or task, not both (a task builds its own model)')
+    task = task or ClassificationTask(model_fn)
+    ctx = _setup(cfg, task=task)
     acc, state = ctx.accelerator, ctx.state
     epochs = cfg.schedule.epochs
     output_dir = Path(cfg.checkpoint.output_dir)
     if acc.is_main_process:
-        save_config(cfg, output_dir)
-    config = config_dict(cfg)
+        save_config(cfg, output_dir, extra=task.config())
+    config = {**config_dict(cfg), **task.config()}
     acc.init_trackers(output_dir.name, config=flat_hparams(config))
     session_start, base_elapsed = time.time(), state.elapsed
 
@@ -242,17 +336,16 @@ def train(cfg: TrainConfig, model_fn: Optional[ModelFn] = None) -> Dict[str, Any
             state.epoch = epoch
             epoch_start = time.time()
             losses = train_one_epoch(ctx, epoch, on_update)
-            metrics = evaluate(ctx.model, ctx.loaders['eval'], acc, ctx.data.num_classes, cfg.log.progress,
-                               desc=f'eval {epoch + 1}/{epochs}')
+            metrics = task.evaluate(ctx, desc=f'eval {epoch + 1}/{epochs}')
             _epoch_record(ctx, epoch, losses, metrics, time.time() - epoch_start)
             if (epoch + 1) % cfg.checkpoint.checkpoint_every == 0 or epoch + 1 == epochs:
                 _save_checkpoint(ctx, elapsed())
-        export_model(ctx, output_dir / 'model')
+        task.export(ctx, output_dir / 'model')
         results = _results(ctx, elapsed(), time.time() - started, config)
+        results.update(task.finish(ctx, results, output_dir))
         if acc.is_main_process:
             write_json_atomic(results, output_dir / RESULTS_FILE)
-        acc.print(f'top-1 {results["top1"]:.2f}, top-5 {results["top5"]:.2f}; wrote {output_dir / RESULTS_FILE} '
-                  f'and {output_dir / "model"}')
+        acc.print(f'{task.describe(results)}; wrote {output_dir / RESULTS_FILE} and {output_dir / "model"}')
         return results
     finally:
         acc.end_training()
@@ -268,8 +361,7 @@ def _results(ctx: RunContext, wall_time: float, session_time: float, config: Dic
         'model': cfg.model.name,
         'dataset': ctx.data.info['name'],
         'eval_split': cfg.data.eval_split,
-        'top1': final.get('top1'),
-        'top5': final.get('top5'),
+        **{key: final.get(key) for key in ctx.task.metric_keys},
         'loss': final.get('eval_loss'),
         'train_loss': final.get('train_loss'),
         'epochs': state.epoch,

@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Train a segmentation model on a pce_timm (or any timm) backbone with accelerate: train.py's flags and recipes
+(phases, aux routing losses, K-Means key init, checkpoints, --resume, trackers) plus --arch.
+
+    python scripts/make_dense_dataset.py --output-dir data/composed --num-train 600 --num-val 200
+    python scripts/train_segmentation.py --config scripts/configs/dense_segmentation.yaml \
+        --data-dir data/composed --output-dir runs/x
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_segmentation.py --config ...  # 2 ranks (CPU: gloo)
+    python scripts/train_segmentation.py --resume runs/x                                        # continue a run
+    python scripts/evaluate_dense.py runs/x                                              # evaluate it again
+
+The run folder holds results.json (miou, per-class values, routing statistics), model/
+(dense_config.json + model.safetensors) and routing.png; see pce_timm/tasks/loop.py.
+"""
+import sys
+
+from pce_timm.data.dense import DenseDataError
+from pce_timm.tasks.loop import train_dense
+from pce_timm.train.cli import run_cli
+
+
+def main(argv=None) -> int:
+    return run_cli(lambda: train_dense('segmentation', argv), extra_errors=(((DenseDataError,), 3),))
+
+
+if __name__ == '__main__':
+    sys.exit(main())
