@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from pce_timm.layers import AuxLossWeights, collect_aux_loss, pce_layers
+from pce_timm.progress import progress_bar
 from pce_timm.train.checkpoint import write_json_atomic
 from pce_timm.train.config import TrainConfig, model_kwargs
 from pce_timm.train.metrics import routing_records, summarize_usage
@@ -281,7 +281,7 @@ def evaluate_dense(model: nn.Module, loader, task: str, classes: Sequence[str], 
     entropy: Dict[str, torch.Tensor] = {}
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     images = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    for x, y in progress_bar(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         if task == 'detection':
             x = [image.to(device) for image in x]
             y = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in y]
