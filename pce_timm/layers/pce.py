@@ -166,13 +166,13 @@ class PCEConv2d(nn.Module):
             gumbel_tau: float = 0.0,
             capacity_factor: float = 1.0,
             eval_capacity_factor: Optional[float] = None,
-            choice: str = 'token',
-            balance: str = 'loss',
-            bias_update_rate: float = 1e-3,
             mix_conv: Optional[bool] = None,
             attention: bool = False,
             attn_heads: int = 4,
             track_routing: bool = True,
+            choice: str = 'token',
+            balance: str = 'loss',
+            bias_update_rate: float = 1e-3,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
     ):
@@ -197,9 +197,15 @@ class PCEConv2d(nn.Module):
                 training, so a compiled or exported graph costs what the training path does, but a patch whose
                 expert is full moves to another and predictions depend on the batch. Settable on a built layer.
                 Not for ``choice='expert'``, whose eval picks as its training does.
+            mix_conv: 1x1 conv after the weighted sum; None = on when num_experts > 1.
+            attention: add a deformable-attention residual after mixing (switch with ``set_attention``).
+            attn_heads: heads of the attention module.
+            track_routing: keep routing results on the module after each forward.
             choice: 'token' (each patch picks its ``top_k`` experts) or 'expert' (expert choice, Zhou et al.
                 2022: in every image, each expert picks its ``ceil(capacity_factor * n * top_k / E)`` most probable
-                patches, in training and eval; a patch no expert picked gets no expert output, counted in
+                patches, in training and eval; a patch's weights are its router probabilities of the experts
+                that picked it, renormalised to sum to 1 with a detached normaliser (see
+                :func:`.dispatch.expert_choice`); a patch no expert picked gets no expert output, counted in
                 ``dropped_fraction``). Needs an int ``top_k``. Settable on a built layer.
             balance: 'loss' (the Switch load-balance aux loss, weighted by the recipe) or 'bias' (loss-free
                 balancing, token choice only: the ``balance_bias`` buffer [E] is added to the log-scores that
@@ -207,10 +213,6 @@ class PCEConv2d(nn.Module):
                 optimizer step, ``bias += bias_update_rate * sign(mean load - load)``; the load-balance loss is
                 then off for this layer). Expert choice applies no load-balance loss either. Settable.
             bias_update_rate: the step of that update, in logit units.
-            mix_conv: 1x1 conv after the weighted sum; None = on when num_experts > 1.
-            attention: add a deformable-attention residual after mixing (switch with ``set_attention``).
-            attn_heads: heads of the attention module.
-            track_routing: keep routing results on the module after each forward.
             device, dtype: where and in which dtype to build parameters and buffers (timm's factory kwargs).
         """
         dd = {'device': device, 'dtype': dtype}
