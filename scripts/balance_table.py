@@ -28,8 +28,9 @@ def table(root: Path, experts=(4, 8, 16)) -> str:
     for e in experts:
         for key, label in DISCIPLINES:
             path = root / f'e{e}_{key}' / 'results.json'
-            if not path.is_file():
-                raise FileNotFoundError(f'{path} is missing: run the nine runs first (see the module docstring)')
+            if not path.is_file():  # a run that did not finish: its row says so
+                rows.append([str(e), label, f'no {path.parent.name}/results.json', '-', '-', '-'])
+                continue
             results = json.loads(path.read_text())
             routing = results['routing']
             layer_names = layer_names or list(routing)
@@ -40,6 +41,8 @@ def table(root: Path, experts=(4, 8, 16)) -> str:
             rows.append([str(e), label, ' / '.join(_num(i, '.2f') if i is not None else 'inf' for i in imbalances),
                          _num(worst, '.2f') if imbalances else '-',
                          _num(max(dropped), '.3f') if dropped else '-', _num(results['top1'], '.2f')])
+    if layer_names is None:
+        raise FileNotFoundError(f'no e{{E}}_{{loss,bias,expert}}/results.json under {root}')
     layers = ' / '.join(name.replace('.conv1', '') for name in layer_names)
     header = ['E', 'discipline', f'eval imbalance per PCE layer ({layers})', 'max', 'dropped fraction (max)',
               'test top-1 (%)']

@@ -145,6 +145,7 @@ def test_balance_bias_state_dict_round_trip_and_old_checkpoints():
     fresh = _layer(choice='token', balance='bias', seed=1)
     fresh.load_state_dict(old)  # strict
     assert torch.equal(fresh.balance_bias, torch.zeros(4))
+    assert 'balance_bias' not in _layer(choice='token', balance='loss').state_dict()  # other layers: keys unchanged
 
 
 def test_aux_balance_loss_only_for_loss_balanced_token_choice():

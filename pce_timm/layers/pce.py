@@ -255,8 +255,11 @@ class PCEConv2d(nn.Module):
         # probability and the layer's output is unchanged (see pce_timm.analysis.surgery).
         self.register_buffer('logit_bias', torch.zeros(num_experts, **dd))
         # Loss-free balancing (balance='bias'): added to the scores that choose experts only, never to the
-        # weights; kept apart from logit_bias, which does change the weights. Zero (and unused) otherwise.
-        self.register_buffer('balance_bias', torch.zeros(num_experts, **dd))
+        # weights; kept apart from logit_bias, which does change the weights. Zero (and unused) otherwise. In the
+        # state dict only for layers built with balance='bias', so every other layer's keys are unchanged (a
+        # phase that switches a layer to the bias trains it, but checkpoints of that phase do not keep it).
+        self.balance_bias_saved = balance == 'bias'
+        self.register_buffer('balance_bias', torch.zeros(num_experts, **dd), persistent=self.balance_bias_saved)
         self.soft_dispatch = SoftDispatch(self.patch_size)
         self.slot_dispatch = SlotDispatch(self.patch_size)
         self.sorted_dispatch = SortedDispatch(self.patch_size)
@@ -381,7 +384,8 @@ class PCEConv2d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         fill_missing_buffer(self, state_dict, prefix, 'logit_bias')  # checkpoints from before the buffers
-        fill_missing_buffer(self, state_dict, prefix, 'balance_bias')
+        if self.balance_bias_saved:
+            fill_missing_buffer(self, state_dict, prefix, 'balance_bias')
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.jit.unused

@@ -32,7 +32,8 @@ instead of by gradients; the same as ``routing: router, keys: ema``). ``keys``: 
 ``frozen`` (cosine routers only). ``gumbel_tau``: > 0 samples routing from a Gumbel-softmax while training.
 ``choice`` (``token`` / ``expert``) and ``balance`` (``loss`` / ``bias``) override the model's routing
 discipline and balancing for the phase (e.g. expert choice while the router is young, then token choice with
-the balance bias); not in the last phase, since the saved model routes as it was built.
+the balance bias); not in the last phase, since the saved model routes as it was built. A bias trained in
+a phase that switched a ``balance: loss`` model to ``bias`` is not in that phase's checkpoints.
 """
 import math
 from dataclasses import asdict, dataclass, field
