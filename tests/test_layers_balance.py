@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pce_timm.layers import PCEConv2d, collect_aux_loss
 from pce_timm.layers.dispatch import expert_choice, expert_choice_capacity, route
@@ -186,11 +185,6 @@ def test_expert_choice_capacity():
     assert expert_choice_capacity(9, 4, 1, 1.25) == math.ceil(1.25 * 9 / 4)
 
 
-def _eager_and(layer, x, fn):
-    with torch.no_grad():
-        return layer(x), fn(layer, x)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('choice,balance', [('expert', 'loss'), ('token', 'bias')])
 def test_compile_fullgraph_and_export(choice, balance):
@@ -228,4 +222,3 @@ def test_expert_choice_with_soft_probabilities_matches_dense_when_every_patch_is
     with torch.no_grad():
         torch.testing.assert_close(layer(x), soft(x), atol=1e-5, rtol=1e-5)
     assert layer.routing_stats()['dropped_fraction'] == 0.0
-    assert F.relu is not None
