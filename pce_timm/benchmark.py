@@ -194,7 +194,8 @@ def layer_cases(
         experts: tuple = (4, 8),
         mix_conv_variants: tuple = (True, False),
 ) -> List[Case]:
-    """Dense Conv-BN-ReLU and dense + 1x1 conv first, then PCEConv2d soft / top-1 / top-2 per expert count."""
+    """Dense Conv-BN-ReLU and dense + 1x1 conv first, then PCEConv2d soft / top-1 / top-2 / expert choice (k=1:
+    each expert picks n / E patches of every image) per expert count."""
     from .layers import PCEConv2d
 
     cases = [
@@ -203,16 +204,16 @@ def layer_cases(
              {'E': 1, 'routing': 'dense', 'mix_conv': True, 'vs': DENSE}, {DENSE: 1.0}),
     ]
     for num_experts in experts:
-        for top_k in (None, 1, 2):
+        for top_k, choice in ((None, 'token'), (1, 'token'), (2, 'token'), (1, 'expert')):
             for mix_conv in mix_conv_variants:
-                routing = 'soft' if top_k is None else f'top-{top_k}'
+                routing = 'expert-choice' if choice == 'expert' else 'soft' if top_k is None else f'top-{top_k}'
                 name = f'pce E={num_experts} {routing}' + ('' if mix_conv else ' no-mix')
                 vs, ref = dense_reference(num_experts, top_k is None, mix_conv)
                 info = {'E': num_experts, 'routing': routing, 'mix_conv': mix_conv, 'vs': vs}
 
-                def build(e=num_experts, k=top_k, mix=mix_conv) -> nn.Module:
+                def build(e=num_experts, k=top_k, mix=mix_conv, c=choice) -> nn.Module:
                     return PCEConv2d(channels, channels, kernel_size, num_experts=e, patch_size=patch_size,
-                                     top_k=k, mix_conv=mix)
+                                     top_k=k, mix_conv=mix, choice=c)
                 cases.append(Case(name, build, info, ref))
     return cases
 

@@ -2,7 +2,8 @@
 
 Each PCE model is compared with its dense counterpart, timed in the same interleaved rounds:
 
-- ``pce_resnet{18,34,50}[_e8]`` -> timm's ``resnet{18,34,50}`` (the same widths and depths);
+- ``pce_resnet{18,34,50}[_e8]`` -> timm's ``resnet{18,34,50}`` (the same widths and depths); ``pce_resnet18_e8
+  (expert choice)`` is that model built with ``choice='expert'`` (each expert picks its patches of every image);
 - ``pce_vit_hybrid_*`` -> the same hybrid built with ``pce_stages=()`` (its backbone all dense convs);
 - timm's CondConv mixture of experts ``efficientnet_cc_b0_4e`` -> ``efficientnet_b0``, as a reference point
   for what another conv-MoE costs over its dense model.
@@ -27,10 +28,12 @@ __all__ = ['DEFAULT_MODELS', 'baseline_of', 'count_gmacs', 'model_cases', 'model
            'format_model_table']
 
 DEFAULT_MODELS = (
-    'pce_resnet18', 'pce_resnet18_e8', 'pce_resnet34', 'pce_resnet34_e8', 'pce_resnet50', 'pce_resnet50_e8',
+    'pce_resnet18', 'pce_resnet18_e8', 'pce_resnet18_e8 (expert choice)', 'pce_resnet34', 'pce_resnet34_e8',
+    'pce_resnet50', 'pce_resnet50_e8',
     'pce_vit_hybrid_small_r18', 'efficientnet_cc_b0_4e',
 )
 DENSE_TWIN = 'dense twin'  # a PCE model rebuilt with pce_stages=()
+EXPERT_CHOICE = 'expert choice'  # a PCE model rebuilt with choice='expert'
 
 
 def baseline_of(name: str) -> str:
@@ -47,6 +50,8 @@ def baseline_of(name: str) -> str:
 def _create(name: str) -> nn.Module:
     if name.endswith(f' ({DENSE_TWIN})'):
         return timm.create_model(name.split(' ')[0], pce_stages=())
+    if name.endswith(f' ({EXPERT_CHOICE})'):
+        return timm.create_model(name.split(' ')[0], choice='expert')
     return timm.create_model(name)
 
 

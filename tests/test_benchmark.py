@@ -44,7 +44,7 @@ def test_layer_benchmark_writes_every_case_and_goal(tmp_path, capsys):
     names = [t['name'] for t in results['layers']['timings']]
     assert names[0] == 'dense' and 'pce E=8 top-1' in names and 'pce E=8 soft no-mix' in names
     assert names[1] == 'dense + 1x1 conv'  # the dense block of the structure of a layer with its mix conv
-    assert len(names) == 14
+    assert len(names) == 18  # 2 dense + E in (4, 8) x (soft, top-1, top-2, expert-choice) x (mix, no-mix)
     assert all(t['forward_ms'] > 0 and t['train_ms'] > 0 for t in results['layers']['timings'])
     assert [g['case'] for g in results['layers']['goals']] == [
         'pce E=8 top-1', 'pce E=8 soft', 'pce E=8 top-1 no-mix', 'pce E=8 soft no-mix']

@@ -183,11 +183,12 @@ def _reindex_layer(layer: PCEConv2d, index: Sequence[int]) -> None:
     experts.num_experts = len(idx)
     _reindex_router(layer.router, idx)
     layer.logit_bias = layer.logit_bias[idx].clone()
+    layer.balance_bias = layer.balance_bias[idx].clone()  # loss-free balancing: a copy inherits the original's
     layer.num_experts = len(idx)
     if layer.soft:
         layer.top_k = len(idx)
     layer.last_router_logits = layer.last_routing_weights = layer.last_expert_indices = None
-    layer.last_embeddings = None
+    layer.last_embeddings = layer.last_expert_mask = None
 
 
 def _record(model: PCEResNet, layers: Mapping[str, PCEConv2d], changed: Iterable[str]) -> None:

@@ -19,7 +19,7 @@ from .voc import IGNORE_INDEX, VOC_CLASSES, DenseDataError, VOCDetection, VOCSeg
 
 __all__ = [
     'CAMELYON_CLASSES', 'DENSE_DATASETS', 'IGNORE_INDEX', 'VOC_CLASSES', 'DenseDataError', 'TileSegmentation',
-    'VOCDetection', 'VOCSegmentation', 'dense_dataset', 'detection_collate', 'find_voc_root',
+    'VOCDetection', 'VOCSegmentation', 'dense_dataset', 'dense_dataset_name', 'detection_collate', 'find_voc_root',
 ]
 
 # name -> {task: dataset class}
@@ -28,6 +28,12 @@ DENSE_DATASETS: dict[str, dict[str, type[Dataset]]] = {
     'camelyon': {'segmentation': TileSegmentation},
 }
 _NAME_ALIASES = {'pascal_voc': 'voc', 'voc2007': 'voc', 'voc2012': 'voc', 'camelyon16': 'camelyon'}
+
+
+def dense_dataset_name(name: Any) -> Any:
+    """The canonical name of a dense dataset (case, `-` / `_` and aliases such as `voc2012` do not matter)."""
+    key = name.strip().lower().replace('-', '_') if isinstance(name, str) else name
+    return _NAME_ALIASES.get(key, key)
 
 
 def dense_dataset(
@@ -55,8 +61,7 @@ def dense_dataset(
         ValueError: Unknown name, or a task the dataset does not have.
         DenseDataError: No data_dir, a missing folder or bad files.
     """
-    key = name.strip().lower().replace('-', '_') if isinstance(name, str) else name
-    key = _NAME_ALIASES.get(key, key)
+    key = dense_dataset_name(name)
     if key not in DENSE_DATASETS:
         raise ValueError(f'Unknown dense dataset {name!r}; known: {", ".join(DENSE_DATASETS)} (a set made by '
                          'scripts/make_dense_dataset.py is a VOCdevkit: use voc).')

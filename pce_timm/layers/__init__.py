@@ -1,6 +1,18 @@
 """Model-agnostic PCE building blocks. Registers no models."""
 from .attention import DeformableAttention2d
-from .dispatch import Routing, SlotDispatch, SoftDispatch, SortedDispatch, assign_slots, expert_capacity, route
+from .dispatch import (
+    ExpertChoice,
+    ExpertChoiceDispatch,
+    Routing,
+    SlotDispatch,
+    SoftDispatch,
+    SortedDispatch,
+    assign_slots,
+    expert_capacity,
+    expert_choice,
+    expert_choice_capacity,
+    route,
+)
 from .embed import PatchEmbedSPP
 from .experts import ConvExperts
 from .find import pce_layers
@@ -15,5 +27,5 @@ from .patches import (
     unpatchify,
     window_index,
 )
-from .pce import ROUTING_MODES, PCEConv2d
+from .pce import BALANCES, CHOICES, ROUTING_MODES, PCEConv2d
 from .routers import ROUTERS, CosineRouter, MLPRouter, PositionalRouter, UniformRouter, create_router

@@ -56,15 +56,22 @@ def collect_aux_loss(
 
     Returns ``(total, parts)``, ``parts`` holding the layer means of 'entropy', 'balance' and 'z_loss'.
     A model without PCE layers (or without a recorded forward) gives zeros.
+
+    The load-balance loss enters the total only for layers that balance by it (``layer.uses_balance_loss()``:
+    token choice with ``balance='loss'``); layers balanced by construction (expert choice) or by the loss-free
+    bias (``balance='bias'``) still report it in ``parts`` but add nothing: the total is
+    ``weights.balance * sum(balance of those layers) / layers``, as if their term were 0.
     """
     from .pce import PCEConv2d  # local import: pce imports nothing from here, but keep the module pure
 
-    entropy, balance, z_loss, count = [], [], [], 0
+    entropy, balance, balance_used, z_loss, count = [], [], [], [], 0
     for module in model.modules():
         if isinstance(module, PCEConv2d) and module.last_router_logits is not None:
             logits = module.last_router_logits
             entropy.append(router_entropy_loss(logits))
             balance.append(load_balance_loss(logits, module.last_expert_indices))
+            if module.uses_balance_loss():
+                balance_used.append(balance[-1])
             z_loss.append(router_z_loss(logits))
             count += 1
     device = next(model.parameters()).device
@@ -76,5 +83,7 @@ def collect_aux_loss(
         'balance': torch.stack(balance).mean(),
         'z_loss': torch.stack(z_loss).mean(),
     }
-    total = weights.entropy * parts['entropy'] + weights.balance * parts['balance'] + weights.z_loss * parts['z_loss']
+    balance_term = parts['balance'] if len(balance_used) == count else (
+        torch.stack(balance_used).sum() / count if balance_used else torch.zeros((), device=device))
+    total = weights.entropy * parts['entropy'] + weights.balance * balance_term + weights.z_loss * parts['z_loss']
     return total, parts

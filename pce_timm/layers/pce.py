@@ -13,13 +13,20 @@ router's weights, mixed by a 1x1 conv and optionally passed through deformable a
   :class:`.dispatch.SlotDispatch` (training: Switch-style slots of a static capacity with rerouting; also
   the static eval of compiled / exported graphs, meta tensors and ``eval_capacity_factor``) and
   :class:`.dispatch.SortedDispatch` (eager / TorchScript eval: every patch to exactly its chosen experts);
-  the layer only chooses one and, for slots, the capacity;
+  the layer only chooses one and, for slots, the capacity. With ``choice='expert'`` the experts choose instead:
+  :func:`.dispatch.expert_choice` (each expert its top-c patches of every image) and
+  :class:`.dispatch.ExpertChoiceDispatch`, in training and eval alike;
 - :mod:`.mix` (1x1 conv on the sparse path's pixel rows) and :mod:`.attention` (skipped while switched off).
 
 Device-specific speed tricks live in :mod:`.kernels_cpu`; every op has a plain PyTorch reference path that
 runs everywhere else. ``forward`` returns a Tensor. What routing did is kept on the module
 (``last_router_logits``, ``last_expert_indices``, ...) for aux losses (:mod:`.losses`) and statistics
 (:meth:`PCEConv2d.routing_stats`).
+
+Balance: ``balance='loss'`` leaves it to the Switch load-balance loss (:mod:`.losses`); ``balance='bias'`` is
+loss-free balancing (Wang et al. 2024): a per-expert buffer ``balance_bias`` added to the scores that choose
+the experts, never to the mixing weights, moved outside the graph after every optimizer step by
+:func:`pce_timm.train.balance.update_balance_bias`. Expert choice is balanced by construction.
 
 Shape legend: b batch, c/o in/out channels, h/w input map, ho/wo output map, n patches, e experts,
 k top-k, d embedding dim, t = b * n tokens, s slots per expert (capacity).
@@ -32,7 +39,17 @@ from timm.layers import to_2tuple
 from timm.models import register_notrace_module
 
 from .attention import DeformableAttention2d
-from .dispatch import Routing, SlotDispatch, SoftDispatch, SortedDispatch, expert_capacity, route
+from .dispatch import (
+    ExpertChoiceDispatch,
+    Routing,
+    SlotDispatch,
+    SoftDispatch,
+    SortedDispatch,
+    expert_capacity,
+    expert_choice,
+    expert_choice_capacity,
+    route,
+)
 from .dispatch.plans import is_exporting, is_tracing
 from .embed import PatchEmbedSPP
 from .experts import ConvExperts
@@ -46,9 +63,19 @@ from .routers import (
     router_needs_embeddings,
     uniform_logits,
 )
-from .routing_stats import dead_experts, imbalance, mean_router_entropy, usage_counts, usage_entropy
+from .routing_stats import (
+    dead_experts,
+    dropped_fraction,
+    expert_load,
+    imbalance,
+    mean_router_entropy,
+    usage_counts,
+    usage_entropy,
+)
 
 ROUTING_MODES = ('router', 'positional', 'uniform')
+CHOICES = ('token', 'expert')  # token: each patch picks its top-k experts; expert: each expert its top-c patches
+BALANCES = ('loss', 'bias')  # loss: Switch load-balance loss; bias: loss-free balancing bias
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -59,7 +86,8 @@ def _check_positive_int(name: str, value: int) -> None:
 def _check_arguments(
         in_chs: int, out_chs: int, kernel_size: int, stride: int, num_experts: int,
         patch_size: Union[int, Tuple[int, int]], top_k: Optional[int], router: str, embed_chs: int,
-        capacity_factor: float, eval_capacity_factor: Optional[float], gumbel_tau: float) -> Tuple[int, int]:
+        capacity_factor: float, eval_capacity_factor: Optional[float], gumbel_tau: float, choice: str = 'token',
+        balance: str = 'loss', bias_update_rate: float = 0.0) -> Tuple[int, int]:
     """Raise ValueError naming the first bad argument of :class:`PCEConv2d`; returns the patch size (h, w)."""
     for name, value in (('in_chs', in_chs), ('out_chs', out_chs), ('kernel_size', kernel_size),
                         ('stride', stride), ('num_experts', num_experts), ('embed_chs', embed_chs)):
@@ -83,7 +111,30 @@ def _check_arguments(
         raise ValueError(f'eval_capacity_factor must be None (exact routing) or > 0, got {eval_capacity_factor}')
     if gumbel_tau < 0:
         raise ValueError(f'gumbel_tau must be >= 0 (0 = off), got {gumbel_tau}')
+    check_choice_balance(choice, balance, top_k is None, bias_update_rate)
+    if choice == 'expert' and eval_capacity_factor is not None:
+        raise ValueError("eval_capacity_factor does not apply to choice='expert' (eval picks as training does, "
+                         'with capacity_factor); leave it None')
     return int(patch_size[0]), int(patch_size[1])
+
+
+def check_choice_balance(choice: str, balance: str, soft: bool, bias_update_rate: float = 0.0) -> None:
+    """Raise ValueError when a routing discipline (``choice``) and ``balance`` do not fit each other or soft routing."""
+    if choice not in CHOICES:
+        raise ValueError(f'choice must be one of {CHOICES}, got {choice!r}')
+    if balance not in BALANCES:
+        raise ValueError(f'balance must be one of {BALANCES}, got {balance!r}')
+    if soft and choice == 'expert':
+        raise ValueError("choice='expert' needs sparse routing: set top_k to an int (k experts per patch on "
+                         "average; top_k=None is soft routing, where every expert sees every patch)")
+    if soft and balance == 'bias':
+        raise ValueError("balance='bias' biases which experts are chosen, and soft routing (top_k=None) chooses "
+                         "them all: set top_k to an int or use balance='loss'")
+    if choice == 'expert' and balance == 'bias':
+        raise ValueError("choice='expert' is balanced by construction (every expert takes the same number of "
+                         "patches); use balance='loss' (no load-balance loss is applied to it) with it")
+    if isinstance(bias_update_rate, bool) or not isinstance(bias_update_rate, (int, float)) or bias_update_rate < 0:
+        raise ValueError(f'bias_update_rate must be a number >= 0, got {bias_update_rate!r}')
 
 
 @register_notrace_module  # routing is data-dependent: torch.fx keeps the layer as one leaf call
@@ -94,6 +145,7 @@ class PCEConv2d(nn.Module):
     last_routing_weights: Optional[torch.Tensor]
     last_expert_indices: Optional[torch.Tensor]
     last_embeddings: Optional[torch.Tensor]
+    last_expert_mask: Optional[torch.Tensor]
     eval_capacity_factor: Optional[float]
 
     def __init__(
@@ -118,6 +170,9 @@ class PCEConv2d(nn.Module):
             attention: bool = False,
             attn_heads: int = 4,
             track_routing: bool = True,
+            choice: str = 'token',
+            balance: str = 'loss',
+            bias_update_rate: float = 1e-3,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
     ):
@@ -141,17 +196,30 @@ class PCEConv2d(nn.Module):
                 exported graph then holds a slot per token at every expert). A number: slots per expert as in
                 training, so a compiled or exported graph costs what the training path does, but a patch whose
                 expert is full moves to another and predictions depend on the batch. Settable on a built layer.
+                Not for ``choice='expert'``, whose eval picks as its training does.
             mix_conv: 1x1 conv after the weighted sum; None = on when num_experts > 1.
             attention: add a deformable-attention residual after mixing (switch with ``set_attention``).
             attn_heads: heads of the attention module.
             track_routing: keep routing results on the module after each forward.
+            choice: 'token' (each patch picks its ``top_k`` experts) or 'expert' (expert choice, Zhou et al.
+                2022: in every image, each expert picks its ``ceil(capacity_factor * n * top_k / E)`` most probable
+                patches, in training and eval; a patch's weights are its router probabilities of the experts
+                that picked it, renormalised to sum to 1 with a detached normaliser (see
+                :func:`.dispatch.expert_choice`); a patch no expert picked gets no expert output, counted in
+                ``dropped_fraction``). Needs an int ``top_k``. Settable on a built layer.
+            balance: 'loss' (the Switch load-balance aux loss, weighted by the recipe) or 'bias' (loss-free
+                balancing, token choice only: the ``balance_bias`` buffer [E] is added to the log-scores that
+                choose the experts, never to the mixing weights, and is updated outside the graph after every
+                optimizer step, ``bias += bias_update_rate * sign(mean load - load)``; the load-balance loss is
+                then off for this layer). Expert choice applies no load-balance loss either. Settable.
+            bias_update_rate: the step of that update, in logit units.
             device, dtype: where and in which dtype to build parameters and buffers (timm's factory kwargs).
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         patch_size = _check_arguments(
             in_chs, out_chs, kernel_size, stride, num_experts, patch_size, top_k, router, embed_chs, capacity_factor,
-            eval_capacity_factor, gumbel_tau)
+            eval_capacity_factor, gumbel_tau, choice, balance, bias_update_rate)
         self.in_chs = in_chs
         self.out_chs = out_chs
         self.kernel_size = kernel_size
@@ -165,6 +233,9 @@ class PCEConv2d(nn.Module):
         self.gumbel_tau = gumbel_tau
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
+        self.choice = choice
+        self.balance = balance
+        self.bias_update_rate = float(bias_update_rate)
         self.track_routing = track_routing
         self.routing_mode = 'router'
 
@@ -183,14 +254,22 @@ class PCEConv2d(nn.Module):
         # duplicated an expert under soft routing: both copies get log(1/2), so they split the original's
         # probability and the layer's output is unchanged (see pce_timm.analysis.surgery).
         self.register_buffer('logit_bias', torch.zeros(num_experts, **dd))
+        # Loss-free balancing (balance='bias'): added to the scores that choose experts only, never to the
+        # weights; kept apart from logit_bias, which does change the weights. Zero (and unused) otherwise. In the
+        # state dict only for layers built with balance='bias', so every other layer's keys are unchanged (a
+        # phase that switches a layer to the bias trains it, but checkpoints of that phase do not keep it).
+        self.balance_bias_saved = balance == 'bias'
+        self.register_buffer('balance_bias', torch.zeros(num_experts, **dd), persistent=self.balance_bias_saved)
         self.soft_dispatch = SoftDispatch(self.patch_size)
         self.slot_dispatch = SlotDispatch(self.patch_size)
         self.sorted_dispatch = SortedDispatch(self.patch_size)
+        self.expert_choice_dispatch = ExpertChoiceDispatch(self.patch_size)
 
         self.last_router_logits = None
         self.last_routing_weights = None
         self.last_expert_indices = None
         self.last_embeddings = None
+        self.last_expert_mask = None
         self.last_grid_size: Tuple[int, int] = (0, 0)
 
     def set_routing_mode(self, mode: str) -> None:
@@ -225,17 +304,33 @@ class PCEConv2d(nn.Module):
         else:
             embeddings = x.new_zeros(b, grid[0] * grid[1], 0)
         router_logits = self._router_logits(embeddings, positions) + self.logit_bias.float()  # [b, n, e]
-        _, expert_indices, routing_weights = route(
-            router_logits.reshape(-1, self.num_experts), self.top_k, self.gumbel_tau, self.training)
-        routing = Routing(expert_indices, routing_weights)
-        if self.soft:
-            out = self.mix(self.soft_dispatch(x, routing, self.experts))
+        n = grid[0] * grid[1]
+        expert_mask: Optional[torch.Tensor] = None
+        if self.choice == 'expert':
+            capacity = expert_choice_capacity(n, self.num_experts, self.top_k, self.capacity_factor)
+            chosen = expert_choice(router_logits, capacity, self.gumbel_tau, self.training)
+            out = self._mix_rows(self.expert_choice_dispatch(x, chosen, self.experts))
+            expert_mask = chosen.expert_mask  # [b, n, e]
+            # by expert id; per patch its most probable picking expert (its most probable one when dropped)
+            routing_weights = torch.zeros_like(router_logits.transpose(1, 2)).scatter(
+                2, chosen.patch_indices, chosen.weights).transpose(1, 2)
+            probs = router_logits.detach().softmax(-1)
+            best_picked = torch.where(expert_mask, probs, -1.0).argmax(-1)
+            expert_indices = torch.where(expert_mask.any(-1), best_picked, probs.argmax(-1)).unsqueeze(-1)
         else:
-            out = self._mix_rows(self._dispatch_sparse(x, routing))
+            choice_bias = self.balance_bias if self.balance == 'bias' else None
+            _, expert_indices, routing_weights = route(
+                router_logits.reshape(-1, self.num_experts), self.top_k, self.gumbel_tau, self.training, choice_bias)
+            routing = Routing(expert_indices, routing_weights)
+            if self.soft:
+                out = self.mix(self.soft_dispatch(x, routing, self.experts))
+            else:
+                out = self._mix_rows(self._dispatch_sparse(x, routing))
         if self.track_routing and not is_exporting():  # an exported graph has no module state
             self.last_router_logits = router_logits
-            self.last_routing_weights = routing_weights.reshape(b, grid[0] * grid[1], -1)
-            self.last_expert_indices = expert_indices.reshape(b, grid[0] * grid[1], -1)
+            self.last_routing_weights = routing_weights.reshape(b, n, -1)
+            self.last_expert_indices = expert_indices.reshape(b, n, -1)
+            self.last_expert_mask = expert_mask
             self.last_embeddings = embeddings
             self.last_grid_size = grid
         if self.attn is not None and self.attn_enabled:
@@ -288,22 +383,40 @@ class PCEConv2d(nn.Module):
         return mix_pixels(rows.view(b, ho * wo, o), self.mix.weight, self.mix.bias, ho, wo)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        fill_missing_buffer(self, state_dict, prefix, 'logit_bias')  # checkpoints from before the buffer
+        fill_missing_buffer(self, state_dict, prefix, 'logit_bias')  # checkpoints from before the buffers
+        if self.balance_bias_saved:
+            fill_missing_buffer(self, state_dict, prefix, 'balance_bias')
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.jit.unused
+    def uses_balance_loss(self) -> bool:
+        """Whether the Switch load-balance aux loss applies to this layer: token choice with ``balance='loss'``."""
+        return self.choice == 'token' and self.balance == 'loss'
 
     @torch.jit.unused
     def routing_stats(self) -> Dict[str, object]:
         """What routing did in the last forward: probabilities, choices, usage and balance.
 
         Returns ``router_probs`` [b, n, e], ``expert_indices`` [b, n, k] (most probable first), ``grid_size``,
-        ``usage_counts`` [e] (top-1 choices), ``usage_entropy`` (normalised: 1 = balanced), ``router_entropy``
-        (mean per-patch, nats), ``imbalance`` (busiest / least used; inf if one is unused), ``dead_experts``.
+        ``usage_counts`` [e] (top-1 choices; expert choice: the patches each expert processed, its load),
+        ``usage_entropy`` (normalised: 1 = balanced), ``router_entropy`` (mean per-patch, nats), ``imbalance``
+        (busiest / least used; inf if one is unused), ``dead_experts``; with expert choice also
+        ``dropped_fraction`` (patches no expert picked) and with ``balance='bias'`` ``balance_bias`` (a list).
+        For expert choice ``expert_indices`` [b, n, 1] is each patch's most probable picking expert (its most
+        probable expert if none picked it) and ``expert_mask`` [b, n, e] says which experts picked it.
         """
         if self.last_router_logits is None or self.last_expert_indices is None:
             raise RuntimeError('no routing recorded yet: run a forward pass with track_routing=True first')
         probs = self.last_router_logits.detach().float().softmax(-1)
-        counts = usage_counts(self.last_expert_indices, self.num_experts)
-        return {
+        mask = self.last_expert_mask
+        counts = usage_counts(self.last_expert_indices, self.num_experts) if mask is None else expert_load(mask)
+        extra: Dict[str, object] = {}
+        if mask is not None:
+            extra['expert_mask'] = mask.detach()
+            extra['dropped_fraction'] = dropped_fraction(mask)
+        if self.balance == 'bias':
+            extra['balance_bias'] = [float(v) for v in self.balance_bias.tolist()]
+        return {**extra, 
             'router_probs': probs,
             'expert_indices': self.last_expert_indices.detach(),
             'grid_size': self.last_grid_size,
@@ -316,6 +429,9 @@ class PCEConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         top_k = 'soft' if self.soft else f'top_k={self.top_k}'
+        extra = '' if self.choice == 'token' else f', choice={self.choice}'
+        extra += '' if self.balance == 'loss' else f', balance={self.balance}'
         return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
-                f'num_experts={self.num_experts}, patch_size={self.patch_size}, {top_k}, router={self.router_name}')
+                f'num_experts={self.num_experts}, patch_size={self.patch_size}, {top_k}, router={self.router_name}'
+                f'{extra}')
 

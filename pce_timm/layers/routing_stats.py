@@ -78,6 +78,31 @@ def usage_counts(expert_indices: torch.Tensor, num_experts: int, all_choices: bo
     return torch.bincount(chosen.reshape(-1).long().cpu(), minlength=num_experts)
 
 
+def _check_mask(expert_mask: torch.Tensor) -> None:
+    if expert_mask.dim() != 3 or expert_mask.dtype != torch.bool:
+        raise ValueError(f'expert_mask must be a bool [b, n, e] tensor, got {expert_mask.dtype} '
+                         f'{tuple(expert_mask.shape)}')
+
+
+def expert_load(expert_mask: torch.Tensor) -> torch.Tensor:
+    """Expert choice: how many patches each expert processed, from which experts picked each patch
+    [b, n, e] (bool) -> int64 [e]. Every expert picks the same number per image, so it is flat by construction."""
+    _check_mask(expert_mask)
+    return expert_mask.reshape(-1, expert_mask.shape[-1]).long().sum(0).cpu()
+
+
+def dropped_patches(expert_mask: torch.Tensor) -> torch.Tensor:
+    """Expert choice: which patches no expert picked (no expert output): [b, n, e] (bool) -> bool [b, n]."""
+    _check_mask(expert_mask)
+    return ~expert_mask.any(-1)
+
+
+def dropped_fraction(expert_mask: torch.Tensor) -> float:
+    """Expert choice: the fraction of patches no expert picked, from [b, n, e] (bool); 0 = none dropped."""
+    dropped = dropped_patches(expert_mask)
+    return float(dropped.double().mean()) if dropped.numel() else 0.0
+
+
 def usage_entropy(counts: torch.Tensor) -> float:
     """Entropy of the usage distribution divided by log(e), in [0, 1]: 1 = perfectly balanced, 0 = one expert.
 

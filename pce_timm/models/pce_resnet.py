@@ -72,12 +72,12 @@ SOFT = 'soft'  # top_k value for soft routing over all experts (None does not su
 # (saved with timm's save_for_hf / push_to_hf_hub) so a saved model rebuilds exactly.
 PCE_ARCH_ARGS = (
     'stem_type', 'num_experts', 'top_k', 'router', 'pce_stages', 'patch_size', 'capacity_factor', 'embed_chs',
-    'attention', 'gumbel_tau', 'mix_conv', 'pce_kwargs', 'expert_counts',
+    'attention', 'gumbel_tau', 'mix_conv', 'pce_kwargs', 'expert_counts', 'choice', 'balance', 'bias_update_rate',
 )
 # The PCEConv2d arguments PCEResNet sets itself, which pce_kwargs must not repeat.
 PCE_ARGS_SET_BY_MODEL = frozenset({
     'num_experts', 'top_k', 'router', 'embed_chs', 'capacity_factor', 'gumbel_tau', 'mix_conv', 'attention',
-    'patch_size', 'in_chs', 'out_chs', 'kernel_size', 'stride',
+    'patch_size', 'in_chs', 'out_chs', 'kernel_size', 'stride', 'choice', 'balance', 'bias_update_rate',
 })
 
 
@@ -341,6 +341,9 @@ class PCEResNet(ResNet):
             mix_conv: Optional[bool] = False,
             pce_kwargs: Optional[Dict[str, Any]] = None,
             expert_counts: Optional[Dict[str, int]] = None,
+            choice: str = 'token',
+            balance: str = 'loss',
+            bias_update_rate: float = 1e-3,
             output_stride: int = 32,
             device=None,
             dtype=None,
@@ -372,6 +375,10 @@ class PCEResNet(ResNet):
             expert_counts: PCE layer name (e.g. ``'layer3.0.conv1'``) -> its number of experts, for the layers
                 that differ from ``num_experts``. Expert surgery (:mod:`pce_timm.analysis.surgery`) records its
                 result here, so a saved pruned or reinforced model rebuilds with the right shapes.
+            choice: the PCE layers' routing discipline: 'token' (each patch picks its top_k experts) or 'expert'
+                (each expert picks its top patches of every image; balanced by construction).
+            balance: 'loss' (the load-balance aux loss) or 'bias' (loss-free balancing bias, token choice only).
+            bias_update_rate: the step of the balance bias per optimizer update (``balance='bias'``).
             output_stride: 32, 16 or 8, as timm's ResNet: 16 dilates stage 3 instead of striding it, 8 stages 2
                 and 3 (DeepLabV3+ asks for 16). PCE layers have no dilated experts, so a dilated stage must be
                 dense: a ValueError names the stages ``output_stride`` dilates and the ``pce_stages`` that fit.
@@ -390,7 +397,8 @@ class PCEResNet(ResNet):
         if mix_conv is None:  # decided once for the model, so a layer given another expert count keeps it
             mix_conv = num_experts > 1
         pce_args = dict(num_experts=num_experts, top_k=_layer_top_k(top_k), router=router, embed_chs=embed_chs,
-                        capacity_factor=capacity_factor, gumbel_tau=gumbel_tau, mix_conv=mix_conv, **pce_kwargs)
+                        capacity_factor=capacity_factor, gumbel_tau=gumbel_tau, mix_conv=mix_conv, choice=choice,
+                        balance=balance, bias_update_rate=bias_update_rate, **pce_kwargs)
         stage_args = {i: dict(pce_args, attention=attention and i == pce_stages[-1]) for i in pce_stages}
         dense_block, pce_block = BLOCKS[block]
         block_fns = tuple(

@@ -7,8 +7,9 @@ linear head. ``forward_features`` returns tokens [B, 1 + N, C] (NLC) like every 
 
 PCE sits in backbone stages 1 and 2 (``pce_stages=(1, 2)``), the last two the ViT sees; at 224 px both route
 a 7x7 patch grid. The PCE-ResNet arguments (``num_experts``, ``top_k``, ``router``, ``pce_stages``,
-``patch_size``, ...) go to the backbone, every other argument to the ViT. ``dynamic_img_size=True`` by
-default: the backbone takes any input size and the position embedding is resampled to its token grid.
+``patch_size``, ``choice``, ``balance``, ...) go to the backbone, every other argument to the ViT.
+``dynamic_img_size=True`` by default: the backbone takes any input size and the position embedding is resampled
+to its token grid.
 """
 import math
 from functools import partial

@@ -16,6 +16,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from pce_timm.layers import AuxLossWeights, collect_aux_loss, pce_layers
 from pce_timm.progress import progress_bar
 
+from .balance import update_balance_bias
 from .checkpoint import NonFiniteLossError
 from .config import AugmentConfig, LossConfig
 from .metrics import MetricMeter, routing_records, sample_records
@@ -29,10 +30,11 @@ _logger = logging.getLogger(__name__)
 
 
 class PhaseController:
-    """Applies phases to a model and optimizer; remembers each layer's own Gumbel tau and routing noise.
+    """Applies phases to a model and optimizer; remembers each layer's own Gumbel tau, routing noise, choice
+    and balance.
 
-    A phase that leaves ``gumbel_tau`` / ``noise`` unset gets the model's values back, not the previous
-    phase's, so a resumed run sets exactly what an uninterrupted one had.
+    A phase that leaves ``gumbel_tau`` / ``noise`` / ``choice`` / ``balance`` unset gets the model's values back,
+    not the previous phase's, so a resumed run sets exactly what an uninterrupted one had.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, phases: Tuple[Phase, ...]):
@@ -40,7 +42,8 @@ class PhaseController:
         self.optimizer = optimizer
         self.phases = phases
         self.layers = pce_layers(model)
-        self.defaults = {name: (m.gumbel_tau, m.router_noise_std) for name, m in self.layers.items()}
+        self.defaults = {name: (m.gumbel_tau, m.router_noise_std, m.choice, m.balance)
+                         for name, m in self.layers.items()}
         self.current: Optional[Phase] = None
 
     def update(self, progress: float) -> Tuple[Phase, bool]:
@@ -49,7 +52,7 @@ class PhaseController:
         if phase is self.current:
             return phase, False
         for name, layer in self.layers.items():
-            layer.gumbel_tau, layer.router_noise_std = self.defaults[name]
+            layer.gumbel_tau, layer.router_noise_std, layer.choice, layer.balance = self.defaults[name]
         apply_phase(self.model, self.optimizer, phase)
         self.current = phase
         return phase, True
@@ -109,13 +112,20 @@ def _check_finite(ctx, loss: torch.Tensor) -> None:
             f'{keep}. Common causes: lr too high (now {lrs}), no warmup, fp16 overflow.')
 
 
+def _sum_over_processes(acc: Accelerator) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """accelerate's sum over processes, or None on one process."""
+    if acc.num_processes == 1:
+        return None
+    return lambda tensor: acc.reduce(tensor, reduction='sum')
+
+
 def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[str, float]:
     """Train one epoch (or its rest, when resuming mid-epoch) and return the epoch's mean losses.
 
     ``ctx`` is the trainer's :class:`~pce_timm.train.trainer.RunContext`; ``ctx.state`` ends at the start of
-    the next epoch. After every optimizer update:
-    EMA key updates (phases with EMA keys), the lr schedule, step logging and ``on_update(update)``
-    (mid-epoch checkpoints).
+    the next epoch. After every optimizer update: the loss-free balance bias (layers with ``balance='bias'``,
+    loads summed over processes), EMA key updates (phases with EMA keys), the lr schedule, step logging and
+    ``on_update(update)`` (mid-epoch checkpoints).
     """
     acc, model, state, cfg = ctx.accelerator, ctx.model, ctx.state, ctx.cfg
     loader = ctx.loaders['train']
@@ -152,6 +162,7 @@ def train_one_epoch(ctx, epoch: int, on_update: Callable[[int], None]) -> Dict[s
         state.loss_count += 1
         if acc.sync_gradients:
             state.update += 1
+            update_balance_bias(model, reduce=_sum_over_processes(acc))
             if phase.ema_keys:
                 ema_update_keys(model, phase.ema_decay, gather=acc.gather if acc.num_processes > 1 else None)
             set_lr(ctx.scheduler, ctx.optimizer, epoch, state.update)
@@ -181,6 +192,9 @@ def evaluate(
         max_images: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Top-1, top-5 (top-min(5, classes)), mean CE and per-PCE-layer routing statistics over a split, in eval mode.
+
+    Routing statistics per layer are :func:`.metrics.summarize_usage`'s, plus ``balance_bias`` for layers with
+    ``balance='bias'`` (and ``dropped_fraction`` for expert choice).
 
     The one evaluator of the package: training, ``scripts/evaluate.py`` and expert surgery's before / after
     comparison all count hits here. With an ``accelerator`` (a prepared model and loader) per-sample records are
@@ -217,5 +231,8 @@ def evaluate(
             break
     bar.close()
     metrics = meter.compute()
+    for name, layer in layers.items():  # loss-free balancing: the bias the split was routed with
+        if layer.balance == 'bias' and name in metrics['routing']:
+            metrics['routing'][name]['balance_bias'] = [round(float(v), 6) for v in layer.balance_bias.tolist()]
     metrics['eval_time_s'] = round(time.time() - start, 3)
     return metrics

@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--num-experts', type=int, default=None)
     group.add_argument('--top-k', type=_top_k, default=None, help="k experts per patch, or 'soft'")
     group.add_argument('--router', default=None, choices=('cosine', 'mlp', 'positional', 'uniform'))
+    group.add_argument('--choice', default=None, choices=('token', 'expert'),
+                       help='token: each patch picks its top-k experts; expert: each expert picks its top patches '
+                            'of every image (expert choice)')
+    group.add_argument('--balance', default=None, choices=('loss', 'bias'),
+                       help='loss: the load-balance aux loss (aux_balance); bias: loss-free balancing bias, '
+                            'updated after every step (no load-balance loss for those layers)')
+    group.add_argument('--bias-update-rate', type=float, default=None,
+                       help="step of the balance bias per update (balance: bias), in logit units")
     group.add_argument('--pce-stages', type=int, nargs='*', default=None, help='stages whose convs are PCE')
     group.add_argument('--patch-size', type=int, default=None)
     group.add_argument('--attention', type=_bool, nargs='?', const=True, default=None)
@@ -333,8 +341,12 @@ def _check_names(args: argparse.Namespace) -> None:
     try:
         get_dataset_spec(args.dataset)
     except ValueError:
-        raise RecipeError(f'dataset: {args.dataset!r} is not a dataset pce_timm knows; accepted: '
-                          f'{", ".join(list_datasets())}') from None
+        from pce_timm.data.dense import DENSE_DATASETS, dense_dataset_name
+
+        if dense_dataset_name(args.dataset) not in DENSE_DATASETS:  # detection / segmentation sets
+            raise RecipeError(f'dataset: {args.dataset!r} is not a dataset pce_timm knows; accepted: '
+                              f'{", ".join(list_datasets())} (classification), {", ".join(DENSE_DATASETS)} '
+                              f'(detection / segmentation)') from None
     from timm.optim import list_optimizers
 
     optimizers = list_optimizers()
@@ -394,6 +406,8 @@ def validate_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         args.eval_split = HOLDOUT_SPLIT
     _require(args.clip_grad is None or args.clip_grad > 0, 'clip_grad', args.clip_grad, 'a number > 0 or null')
     _require(0 < args.crop_pct <= 1, 'crop_pct', args.crop_pct, 'a fraction in (0, 1]')
+    _require(args.bias_update_rate is None or args.bias_update_rate >= 0, 'bias_update_rate', args.bias_update_rate,
+             'a number >= 0 or null')
     top_k = args.top_k
     _require(top_k is None or top_k == 'soft' or (isinstance(top_k, int) and top_k >= 1), 'top_k', top_k,
              "an integer >= 1, 'soft' or null")

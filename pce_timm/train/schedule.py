@@ -30,6 +30,10 @@ Which groups learn in a phase (override with ``train: [groups]``):
 ``uniform`` (equal weights), ``ema`` (the cosine router, keys moved by EMA after every optimizer step
 instead of by gradients; the same as ``routing: router, keys: ema``). ``keys``: ``learnable``, ``ema`` or
 ``frozen`` (cosine routers only). ``gumbel_tau``: > 0 samples routing from a Gumbel-softmax while training.
+``choice`` (``token`` / ``expert``) and ``balance`` (``loss`` / ``bias``) override the model's routing
+discipline and balancing for the phase (e.g. expert choice while the router is young, then token choice with
+the balance bias); not in the last phase, since the saved model routes as it was built. A bias trained in
+a phase that switched a ``balance: loss`` model to ``bias`` is not in that phase's checkpoints.
 """
 import math
 from dataclasses import asdict, dataclass, field
@@ -39,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from pce_timm.layers import CosineRouter, pce_layers
+from pce_timm.layers.pce import BALANCES, CHOICES, check_choice_balance
 
 __all__ = [
     'GROUPS', 'ROUTING', 'KEYS', 'Phase', 'parse_phases', 'phase_at', 'apply_phase', 'needs_unused_parameters',
@@ -48,7 +53,8 @@ __all__ = [
 GROUPS = ('experts', 'router', 'embed', 'attention', 'rest')  # optimizer groups (.optim.param_groups)
 ROUTING = ('router', 'positional', 'uniform', 'ema')
 KEYS = ('learnable', 'ema', 'frozen')
-_PHASE_KEYS = ('name', 'epochs', 'routing', 'keys', 'gumbel_tau', 'noise', 'attention', 'ema_decay', 'train')
+_PHASE_KEYS = ('name', 'epochs', 'routing', 'keys', 'gumbel_tau', 'noise', 'attention', 'ema_decay', 'train', 'choice',
+               'balance')
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class Phase:
     attention: bool = False
     ema_decay: float = 0.99
     train: Optional[Tuple[str, ...]] = None
+    choice: Optional[str] = None  # None: the model's own
+    balance: Optional[str] = None  # None: the model's own
     trainable: Tuple[str, ...] = field(default=())
 
     @property
@@ -118,6 +126,9 @@ def _parse_phase(index: int, spec: Any) -> Dict[str, Any]:
     _check(isinstance(decay, (int, float)) and 0 <= decay <= 1, where, 'ema_decay', decay, 'a number in [0, 1]')
     attention = spec.get('attention', False)
     _check(isinstance(attention, bool), where, 'attention', attention, 'true or false')
+    choice, balance = spec.get('choice'), spec.get('balance')
+    _check(choice is None or choice in CHOICES, where, 'choice', choice, ', '.join(CHOICES))
+    _check(balance is None or balance in BALANCES, where, 'balance', balance, ', '.join(BALANCES))
     train = spec.get('train')
     if train is not None:
         train = [train] if isinstance(train, str) else train
@@ -127,7 +138,7 @@ def _parse_phase(index: int, spec: Any) -> Dict[str, Any]:
         train = tuple(g for g in GROUPS if g in train)
     return dict(name=str(spec.get('name', f'phase{index}')), epochs=epochs, routing=routing, keys=keys,
                 gumbel_tau=None if tau is None else float(tau), noise=None if noise is None else float(noise),
-                attention=attention, ema_decay=float(decay), train=train)
+                attention=attention, ema_decay=float(decay), train=train, choice=choice, balance=balance)
 
 
 def parse_phases(specs: Optional[Sequence[Any]], epochs: int) -> List[Phase]:
@@ -162,6 +173,10 @@ def parse_phases(specs: Optional[Sequence[Any]], epochs: int) -> List[Phase]:
         raise ValueError(f'phases[{len(parsed) - 1}].routing: the last phase routes with {last["routing"]!r}, but '
                          "routing overrides are not saved with the weights; accepted for the last phase: router, "
                          "ema (to train a position-only model, set router: positional instead)")
+    for key in ('choice', 'balance'):
+        if last[key] is not None:
+            raise ValueError(f'phases[{len(parsed) - 1}].{key}: the last phase overrides {key}, but the saved model '
+                             f'routes with the {key} it was built with; set --{key} for the model instead')
     phases, start = [], 0.0
     for spec in parsed:
         end = start + spec.pop('epochs')
@@ -197,13 +212,18 @@ def apply_phase(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ph
             layer.gumbel_tau = phase.gumbel_tau
         if phase.noise is not None:
             layer.router_noise_std = phase.noise
+        if phase.choice is not None:
+            layer.choice = phase.choice
+        if phase.balance is not None:
+            layer.balance = phase.balance
     if optimizer is not None:
         for group in optimizer.param_groups:
             group['lr_scale'] = 1.0 if group.get('group', 'rest') in phase.trainable else 0.0
 
 
 def check_phases_fit_model(phases: Sequence[Phase], model: nn.Module) -> None:
-    """Fail early when a phase asks for cosine keys the model does not have.
+    """Fail early when a phase asks for cosine keys the model does not have, or for a choice / balance its layers
+    cannot take.
 
     A model without PCE layers (the dense baseline) passes: the phases only change its (empty) PCE groups.
     """
@@ -212,6 +232,11 @@ def check_phases_fit_model(phases: Sequence[Phase], model: nn.Module) -> None:
         return
     has_keys = any(isinstance(layer.router, CosineRouter) for layer in layers.values())
     for i, phase in enumerate(phases):
+        for layer in layers.values():
+            try:
+                check_choice_balance(phase.choice or layer.choice, phase.balance or layer.balance, layer.soft)
+            except ValueError as e:
+                raise ValueError(f'phases[{i}] ({phase.name}): {e}') from None
         if phase.ema_keys and not has_keys:
             routers = sorted({layer.router_name for layer in layers.values()})
             raise ValueError(f'phases[{i}] ({phase.name}): EMA key updates need a cosine router, but the model '

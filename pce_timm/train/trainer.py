@@ -270,7 +270,7 @@ def _epoch_record(ctx: RunContext, epoch: int, losses: Dict[str, float], metrics
             entry[f'train_{key}'] = value
     state.history.append(entry)
     layers = {name: {k: r[k] for k in ('usage_entropy', 'imbalance', 'mean_router_entropy', 'dead_experts',
-                                       'usage_share', 'usage_counts')}
+                                       'usage_share', 'usage_counts', 'dropped_fraction', 'balance_bias') if k in r}
               for name, r in metrics['routing'].items()}
     state.routing_history.append({'epoch': epoch + 1, 'phase': state.phase, 'layers': layers})
     scalars = {f'train/{k}': v for k, v in losses.items()}

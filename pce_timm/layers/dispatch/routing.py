@@ -1,6 +1,7 @@
 """Pure routing functions: router logits -> (probabilities, chosen experts, weights) -> expert slots.
 
-:class:`Routing` carries the choices and weights to the dispatch modules.
+:class:`Routing` carries token choice (each patch picks its top-k experts) to the dispatch modules;
+:class:`ExpertChoice` carries expert choice (each expert picks its top-c patches of every image).
 
 Shape legend: t tokens (patches, batch flattened), e experts, k top-k, c capacity (slots per expert),
 a = k * t assignments (choice-major: every token's first choice, then every token's second, ...).
@@ -9,7 +10,7 @@ Static shapes throughout: capacities are Python ints computed from sizes, never 
 sparse path compiles with ``torch.compile(fullgraph=True)`` and exports.
 """
 import math
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ def route(
         top_k: int,
         gumbel_tau: float = 0.0,
         training: bool = False,
+        choice_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Turn router logits [..., e] into ``(router_probs, expert_indices, routing_weights)``.
 
@@ -40,14 +42,25 @@ def route(
     passes a gradient to the router (the straight-through estimator ``p / stop_grad(p)``).
 
     With ``gumbel_tau > 0`` while training, choices and weights come from a Gumbel-softmax sample instead.
+
+    ``choice_bias`` [e] (loss-free balancing, Wang et al. 2024) is added to the log-scores that *choose* the
+    experts only: the weights stay the (sample) probabilities of the chosen experts, renormalised as above,
+    so the bias changes which experts a patch gets, never the value or gradient of a chosen expert's weight.
     """
     logits = router_logits.float()
     router_probs = logits.softmax(dim=-1)
     num_experts = logits.shape[-1]
     sample = router_probs
-    if training and gumbel_tau > 0:
+    gumbel = training and gumbel_tau > 0
+    if gumbel:
         sample = F.gumbel_softmax(logits, tau=gumbel_tau, hard=False, dim=-1)
-    top_values, expert_indices = sample.topk(min(top_k, num_experts), dim=-1)
+    k = min(top_k, num_experts)
+    if choice_bias is None:
+        top_values, expert_indices = sample.topk(k, dim=-1)
+    else:  # log-scores: logits (up to a per-patch constant), or the log of the Gumbel sample
+        scores = sample.clamp_min(1e-30).log() if gumbel else logits
+        expert_indices = (scores + choice_bias.float()).topk(k, dim=-1).indices
+        top_values = sample.gather(-1, expert_indices)
     if top_k >= num_experts:
         return router_probs, expert_indices, top_values
     routing_weights = top_values / top_values.sum(dim=-1, keepdim=True).detach()
@@ -58,6 +71,56 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     """Slots per expert: ``ceil(capacity_factor * t * k / e)``, at least 1, at most ``t``."""
     capacity = int(math.ceil(capacity_factor * num_tokens * top_k / num_experts))
     return max(1, min(num_tokens, capacity))
+
+
+class ExpertChoice(NamedTuple):
+    """What every expert chose in every image (see :func:`expert_choice`), the input of expert-choice dispatch.
+
+    ``patch_indices`` [b, e, c]: the patches (0..n-1 within the image) expert j picked, best first;
+    ``weights`` [b, e, c]: their weights; ``expert_mask`` [b, n, e]: whether expert j picked patch i.
+    """
+    patch_indices: torch.Tensor
+    weights: torch.Tensor
+    expert_mask: torch.Tensor
+
+
+def expert_choice_capacity(num_patches: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Patches each expert picks per image: ``ceil(capacity_factor * n * k / e)``, at least 1, at most ``n``.
+
+    A Python int of sizes only, so the expert-choice path has static shapes.
+    """
+    capacity = int(math.ceil(capacity_factor * num_patches * top_k / num_experts))
+    return max(1, min(num_patches, capacity))
+
+
+def expert_choice(
+        router_logits: torch.Tensor,
+        capacity: int,
+        gumbel_tau: float = 0.0,
+        training: bool = False,
+) -> ExpertChoice:
+    """Expert choice routing (Zhou et al. 2022) within each image: router logits [b, n, e] -> :class:`ExpertChoice`.
+
+    Every expert picks the ``capacity`` patches of each image with the highest router probability for it
+    (softmax over the experts, as in the paper; a Gumbel-softmax sample while training with ``gumbel_tau > 0``).
+    Choices never look at the other images of the batch. A patch's weight for an expert that picked it is that
+    probability divided by the (detached) sum of the probabilities of all experts that picked the patch: the
+    weights of a picked patch sum to 1, as token choice's do, so the output's scale does not shrink with
+    e; a patch picked by one expert gets weight exactly 1 in value, with the router's gradient (``p /
+    stop_grad(p)``, as top-1 token choice). A patch no expert picked gets no expert output.
+    """
+    logits = router_logits.float()
+    b, n, e = logits.shape
+    probs = logits.softmax(dim=-1)
+    if training and gumbel_tau > 0:
+        probs = F.gumbel_softmax(logits, tau=gumbel_tau, hard=False, dim=-1)
+    by_expert = probs.transpose(1, 2)  # [b, e, n]
+    patch_indices = by_expert.topk(capacity, dim=-1).indices  # [b, e, c]
+    picked = torch.zeros_like(by_expert).scatter(2, patch_indices, 1.0)  # [b, e, n]
+    total = (by_expert * picked).sum(1).detach()  # [b, n]: probability mass of the experts that picked each patch
+    total = total.clamp_min(1e-30)  # float32 logits; only picked patches are read
+    weights = by_expert.gather(2, patch_indices) / total.gather(1, patch_indices.reshape(b, -1)).view(b, e, capacity)
+    return ExpertChoice(patch_indices, weights, picked.transpose(1, 2) > 0)
 
 
 def assign_slots(

@@ -1,0 +1,71 @@
+"""Loss-free load balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
+Mixture-of-Experts", as in DeepSeek-V3): the bias update after every optimizer step.
+
+Every PCE layer with ``balance='bias'`` keeps a per-expert ``balance_bias`` buffer [e] that is added to the
+scores choosing its experts (never to the mixing weights; see :class:`pce_timm.layers.PCEConv2d`). After an
+update each such layer moves it by ``bias_update_rate * sign(mean_load - load)``: experts that took more than
+their share of the last forward's choices become less attractive, starved ones more. Loads are summed over
+processes first (``reduce``), so every process applies the same update and the buffers stay identical.
+
+Shape legend: b batch, n patches, e experts, k top-k.
+"""
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from pce_timm.layers import PCEConv2d, pce_layers
+
+__all__ = ['ReduceFn', 'last_loads', 'update_balance_bias', 'uses_balance_bias']
+
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes (e.g. accelerate's reduce)
+
+
+def uses_balance_bias(model: nn.Module) -> bool:
+    """Whether any PCE layer of ``model`` balances by the bias (so the training step must update it)."""
+    return any(layer.balance == 'bias' for layer in pce_layers(model).values())
+
+
+def last_loads(layer: PCEConv2d) -> Optional[torch.Tensor]:
+    """The load of every expert in ``layer``'s last forward: all k choices of every patch counted, float [e].
+
+    None before the first forward (or with ``track_routing=False``).
+    """
+    indices = layer.last_expert_indices  # [b, n, k]
+    if indices is None:
+        return None
+    one_hot = torch.zeros(indices.numel(), layer.num_experts, device=indices.device)
+    return one_hot.scatter_(1, indices.reshape(-1, 1), 1.0).sum(0)
+
+
+@torch.no_grad()
+def update_balance_bias(model: nn.Module, reduce: Optional[ReduceFn] = None) -> Dict[str, torch.Tensor]:
+    """One loss-free balancing step for every PCE layer with ``balance='bias'``, outside the autograd graph.
+
+    ``bias += bias_update_rate * sign(mean(load) - load)`` from the loads of the layer's last forward. With
+    several processes pass ``reduce``, a function that sums a tensor over them (``lambda t:
+    accelerator.reduce(t, 'sum')``); all layers' loads go through it in one call. When ``reduce`` is None and
+    ``torch.distributed`` is initialised, its ``all_reduce`` is used.
+
+    Returns the loads (summed over processes) of the layers updated, by layer name.
+    """
+    layers = {name: layer for name, layer in pce_layers(model).items() if layer.balance == 'bias'}
+    loads = {name: last_loads(layer) for name, layer in layers.items()}
+    loads = {name: load for name, load in loads.items() if load is not None}
+    if not loads:
+        return {}
+    names = list(loads)
+    flat = torch.cat([loads[name] for name in names])
+    if reduce is not None:
+        flat = reduce(flat)
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flat)
+    out, start = {}, 0
+    for name in names:
+        layer = layers[name]
+        load = flat[start:start + layer.num_experts]
+        start += layer.num_experts
+        step = layer.bias_update_rate * torch.sign(load.mean() - load)
+        layer.balance_bias.add_(step.to(layer.balance_bias))
+        out[name] = load
+    return out
