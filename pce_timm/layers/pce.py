@@ -333,6 +333,10 @@ class PCEConv2d(nn.Module):
             self.last_expert_mask = expert_mask
             self.last_embeddings = embeddings
             self.last_grid_size = grid
+        if x.is_contiguous() and not out.is_contiguous():
+            # as nn.Conv2d: an NCHW input gives an NCHW output (the sparse path's rows are channels-last). Else
+            # the next conv's weight gradient comes out channels-last, against the layout DDP's buckets expect
+            out = out.contiguous()
         if self.attn is not None and self.attn_enabled:
             out = out + self.attn(out)
         return out

@@ -12,6 +12,7 @@
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch.nn as nn
@@ -83,7 +84,7 @@ def _check_cached_architecture(model: nn.Module, name: str, config_path: str,
     from pce_timm.hub import ReleaseError
 
     try:
-        cached = json.loads(open(config_path, encoding='utf-8').read()).get('model_args') or {}
+        cached = json.loads(Path(config_path).read_text(encoding='utf-8')).get('model_args') or {}
     except (OSError, ValueError):
         return  # an unreadable config: timm read the weights, not it
     built = get_model_args(model)
