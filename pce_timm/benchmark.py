@@ -17,6 +17,7 @@ This module is the measuring instrument, and it is the same for every tree: :fun
 case needs (``PCEConv2d``, ``timm.create_model``), and only when the case is built.
 """
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -203,8 +204,11 @@ def layer_cases(
         Case(DENSE_MIX, lambda: dense_then_mix(channels, channels, kernel_size),
              {'E': 1, 'routing': 'dense', 'mix_conv': True, 'vs': DENSE}, {DENSE: 1.0}),
     ]
+    disciplines = ((None, 'token'), (1, 'token'), (2, 'token'))
+    if 'choice' in inspect.signature(PCEConv2d.__init__).parameters:  # an --old-rev tree may predate it
+        disciplines += ((1, 'expert'),)
     for num_experts in experts:
-        for top_k, choice in ((None, 'token'), (1, 'token'), (2, 'token'), (1, 'expert')):
+        for top_k, choice in disciplines:
             for mix_conv in mix_conv_variants:
                 routing = 'expert-choice' if choice == 'expert' else 'soft' if top_k is None else f'top-{top_k}'
                 name = f'pce E={num_experts} {routing}' + ('' if mix_conv else ' no-mix')
@@ -212,8 +216,9 @@ def layer_cases(
                 info = {'E': num_experts, 'routing': routing, 'mix_conv': mix_conv, 'vs': vs}
 
                 def build(e=num_experts, k=top_k, mix=mix_conv, c=choice) -> nn.Module:
+                    extra = {} if c == 'token' else {'choice': c}
                     return PCEConv2d(channels, channels, kernel_size, num_experts=e, patch_size=patch_size,
-                                     top_k=k, mix_conv=mix, choice=c)
+                                     top_k=k, mix_conv=mix, **extra)
                 cases.append(Case(name, build, info, ref))
     return cases
 

@@ -82,7 +82,12 @@ def model_cases(names: List[str], input_size: int = 224, batch_size: int = 32) -
             if case_name in seen:
                 continue
             seen.add(case_name)
-            model = _create(case_name)
+            try:
+                model = _create(case_name)
+            except TypeError:
+                if case_name.endswith(f' ({EXPERT_CHOICE})'):
+                    continue  # an --old-rev tree from before expert choice
+                raise
             info = {'role': role, 'baseline': None if role == 'dense' else base,
                     'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
                     'gmacs': count_gmacs(model, input_size, batch_size=batch_size)}

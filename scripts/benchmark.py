@@ -180,7 +180,9 @@ def run_models(args: argparse.Namespace, variants: list) -> dict:
         print(format_model_table(primary_rows))
     else:
         labels = list(rows)
-        interleaved = [(label, rows[label][i]) for i in range(len(primary_rows)) for label in labels]
+        by_model = {label: {row['model']: row for row in rows[label]} for label in labels}  # an older tree may lack
+        interleaved = [(label, by_model[label][row['model']]) for row in primary_rows  # some models
+                       for label in labels if row['model'] in by_model[label]]
         print(format_model_table([row for _, row in interleaved], processes=[label for label, _ in interleaved]))
     print()
     for goal in goals:
