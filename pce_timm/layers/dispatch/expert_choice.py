@@ -15,14 +15,12 @@ m = b * ho * wo output pixels.
 from typing import Optional, Tuple
 
 import torch
-import torch.nn as nn
 
 from ..experts import ConvExperts
 from ..gather import gather_windows
-from ..patches import PatchGeometry, patch_geometry
-from .plans import PlanCache, SparsePlan, sparse_plan
+from ..patches import patch_geometry
 from .routing import ExpertChoice
-from .slots import output_rows, valid_outputs, window_pixels
+from .slots import SparsePlanned, output_rows, valid_outputs, window_pixels
 
 
 def expert_choice_slots(
@@ -48,16 +46,11 @@ def expert_choice_slots(
     return token.permute(0, 2, 1).reshape(num_slots, e), slot_of_assignment, assignment_of_slot
 
 
-class ExpertChoiceDispatch(nn.Module):
+class ExpertChoiceDispatch(SparsePlanned):
     """Each expert on the patches it picked per image: gather windows -> grouped conv -> weighted scatter-add.
 
     Its plan is the one of :class:`~.slots.SlotDispatch`.
     """
-
-    def __init__(self, patch_size: Tuple[int, int]):
-        super().__init__()
-        self.patch_size = patch_size
-        self.plans = PlanCache(sparse_plan)
 
     def forward(self, x: torch.Tensor, choice: ExpertChoice, experts: ConvExperts) -> torch.Tensor:
         """[b, c, h, w] -> output pixel rows [b, ho, wo, o]."""
@@ -87,8 +80,3 @@ class ExpertChoiceDispatch(nn.Module):
         row_weight = slot_weight.expand(num_slots, patch_area, e).reshape(-1, 1)
         out = rows.new_zeros(num_pixels + 1, o).index_add(0, pixel, rows * row_weight)
         return out[:num_pixels].view(b, g.out_h, g.out_w, o)
-
-    def _plan(self, geometry: PatchGeometry, batch_size: int, device: torch.device) -> SparsePlan:
-        if torch.jit.is_scripting():
-            return sparse_plan(geometry, batch_size, device)
-        return self.plans.get(geometry, batch_size, device)

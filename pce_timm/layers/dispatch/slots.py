@@ -83,16 +83,26 @@ def output_rows(
     return index, inverse.permute(0, 2, 3, 1).reshape(-1)
 
 
-class SlotDispatch(nn.Module):
-    """Each patch through its k experts in slots: gather windows -> grouped conv -> weighted gather back.
-
-    Its plan is the halo window of every patch and the token and patch offset of every output pixel.
-    """
+class SparsePlanned(nn.Module):
+    """What the sparse disciplines share: their patch size and a cache of :class:`~.plans.SparsePlan` per
+    (geometry, batch, device); :meth:`_plan` builds it afresh under TorchScript, which cannot run the cache."""
 
     def __init__(self, patch_size: Tuple[int, int]):
         super().__init__()
         self.patch_size = patch_size
         self.plans = PlanCache(sparse_plan)
+
+    def _plan(self, geometry: PatchGeometry, batch_size: int, device: torch.device) -> SparsePlan:
+        if torch.jit.is_scripting():
+            return sparse_plan(geometry, batch_size, device)
+        return self.plans.get(geometry, batch_size, device)
+
+
+class SlotDispatch(SparsePlanned):
+    """Each patch through its k experts in slots: gather windows -> grouped conv -> weighted gather back.
+
+    Its plan is the halo window of every patch and the token and patch offset of every output pixel.
+    """
 
     def forward(self, x: torch.Tensor, routing: Routing, experts: ConvExperts, capacity: int) -> torch.Tensor:
         """[b, c, h, w] -> output pixel rows [b, ho, wo, o], with ``capacity`` slots per expert."""
@@ -125,8 +135,3 @@ class SlotDispatch(nn.Module):
         if may_drop:  # dropped choices add nothing
             pixel_weight = pixel_weight * (slot_of_assignment[:, plan.pixel_token] < e * capacity).to(y.dtype)
         return weighted_sum(gathered, pixel_weight).view(shape)
-
-    def _plan(self, geometry: PatchGeometry, batch_size: int, device: torch.device) -> SparsePlan:
-        if torch.jit.is_scripting():
-            return sparse_plan(geometry, batch_size, device)
-        return self.plans.get(geometry, batch_size, device)

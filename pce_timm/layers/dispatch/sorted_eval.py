@@ -3,32 +3,25 @@
 Shape legend: b batch, c/o in/out channels, ho/wo output map, e experts, k top-k, t tokens,
 a = k * t assignments (choice-major), ph/pw output patch size.
 """
-from typing import List, Tuple
+from typing import List
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..experts import ConvExperts
 from ..gather import gather_windows
-from ..patches import PatchGeometry, patch_geometry
-from .plans import PlanCache, SparsePlan, sparse_plan
+from ..patches import patch_geometry
 from .routing import Routing
-from .slots import weighted_sum, window_pixels
+from .slots import SparsePlanned, weighted_sum, window_pixels
 
 
-class SortedDispatch(nn.Module):
+class SortedDispatch(SparsePlanned):
     """Eval, eager and TorchScript: the assignments sorted by expert, each expert convolving its run.
 
     Run lengths are read from the routing (``.tolist()``), so this discipline cannot be traced; there is no
     capacity, so no patch moves to another expert and an image's output never depends on its batch. Its plan
     is the one of :class:`~.slots.SlotDispatch`.
     """
-
-    def __init__(self, patch_size: Tuple[int, int]):
-        super().__init__()
-        self.patch_size = patch_size
-        self.plans = PlanCache(sparse_plan)
 
     def forward(self, x: torch.Tensor, routing: Routing, experts: ConvExperts) -> torch.Tensor:
         """[b, c, h, w] -> output pixel rows [b, ho, wo, o]."""
@@ -52,8 +45,3 @@ class SortedDispatch(nn.Module):
             return gathered[0].view(shape)  # top-1 weights are exactly 1
         pixel_weight = routing_weights.t().to(y.dtype)[:, plan.pixel_token]  # [k, m]
         return weighted_sum(gathered, pixel_weight).view(shape)
-
-    def _plan(self, geometry: PatchGeometry, batch_size: int, device: torch.device) -> SparsePlan:
-        if torch.jit.is_scripting():
-            return sparse_plan(geometry, batch_size, device)
-        return self.plans.get(geometry, batch_size, device)
