@@ -9,7 +9,7 @@ from pce_timm.hub.offline import MissingWeightsError
 from pce_timm.hub.release import ReleaseError
 from pce_timm.runtime import keep_freed_memory_if_enabled
 
-from .checkpoint import NonFiniteLossError
+from .checkpoint import NonFiniteLossError, RunFolderError
 from .recipe import RecipeError
 
 __all__ = ['USER_ERRORS', 'run_cli']
@@ -19,6 +19,7 @@ USER_ERRORS: Tuple[Tuple[Tuple[Type[BaseException], ...], int], ...] = (
     ((RecipeError, ReleaseError), 2),  # bad recipe / arguments, unreadable weight files
     ((DatasetNotFoundError, MissingWeightsError), 3),  # dataset or pretrained weights missing
     ((NonFiniteLossError,), 4),  # the loss became NaN / inf
+    ((RunFolderError,), 6),  # the run folder is in use, not writable or full, or no checkpoint in it loads
 )
 
 

@@ -17,14 +17,14 @@ from pce_timm.layers import AuxLossWeights, collect_aux_loss, pce_layers
 from pce_timm.progress import progress_bar
 
 from .balance import update_balance_bias
-from .checkpoint import NonFiniteLossError
+from .checkpoint import SUSPECT_MARKER, NonFiniteLossError
 from .config import AugmentConfig, LossConfig
 from .metrics import MetricMeter, routing_records, sample_records
 from .optim import set_lr
 from .router_keys import ema_update_keys
 from .schedule import Phase, apply_phase, phase_at
 
-__all__ = ['PhaseController', 'Criterion', 'create_mixup', 'train_one_epoch', 'evaluate']
+__all__ = ['PhaseController', 'Criterion', 'create_mixup', 'last_good_note', 'train_one_epoch', 'evaluate']
 
 _logger = logging.getLogger(__name__)
 
@@ -96,20 +96,36 @@ class Criterion:
         return self(model, model(x), target)
 
 
+def last_good_note(ctx) -> str:
+    """The sentence of a NaN / inf error that names the newest good checkpoint (or says there is none)."""
+    good = ctx.last_checkpoint
+    if good:
+        return f'The last good checkpoint is {good} (continue with --resume {good} after fixing the cause)'
+    return 'No checkpoint had been saved yet'
+
+
 def _check_finite(ctx, loss: torch.Tensor) -> None:
-    """Stop on a NaN/inf loss on any process, before the update is applied, naming the last good checkpoint."""
+    """Stop on a NaN/inf loss on any process, before the update is applied, naming the last good checkpoint.
+
+    A finite loss makes the newest checkpoint good (its state gave it); a NaN right after a save marks that
+    checkpoint suspect instead (:meth:`.checkpoint.CheckpointKeeper.reject`), so neither the message nor
+    ``--resume auto`` points at the state that blew up.
+    """
     acc, state = ctx.accelerator, ctx.state
     bad = (~torch.isfinite(loss.detach())).float()
     if acc.num_processes > 1:
         bad = acc.reduce(bad, reduction='sum')
-    if bad.item() > 0:
-        lrs = ', '.join(f'{lr:.3g}' for lr in sorted({g['lr'] for g in ctx.optimizer.param_groups}))
-        keep = (f'The last good checkpoint is {ctx.last_checkpoint} (continue with --resume {ctx.last_checkpoint} '
-                f'after fixing the cause)' if ctx.last_checkpoint else 'No checkpoint had been saved yet')
-        raise NonFiniteLossError(
-            f'training loss is {loss.item()} at epoch {state.epoch + 1}, batch {state.batch_in_epoch + 1} '
-            f'(update {state.update}, phase {state.phase!r}); the run stopped before applying this update. '
-            f'{keep}. Common causes: lr too high (now {lrs}), no warmup, fp16 overflow.')
+    if bad.item() == 0:
+        ctx.checkpoints.confirm()
+        return
+    rejected = ctx.checkpoints.reject(f'the loss of the next batch was {loss.item()}')
+    lrs = ', '.join(f'{lr:.3g}' for lr in sorted({g['lr'] for g in ctx.optimizer.param_groups}))
+    suspect = (f'; {rejected}, saved just before, gave this loss and is marked {SUSPECT_MARKER}'
+               if rejected else '')
+    raise NonFiniteLossError(
+        f'training loss is {loss.item()} at epoch {state.epoch + 1}, batch {state.batch_in_epoch + 1} '
+        f'(update {state.update}, phase {state.phase!r}); the run stopped before applying this update. '
+        f'{last_good_note(ctx)}{suspect}. Common causes: lr too high (now {lrs}), no warmup, fp16 overflow.')
 
 
 def _sum_over_processes(acc: Accelerator) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:

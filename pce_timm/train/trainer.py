@@ -1,14 +1,16 @@
 """``train(cfg)``: one accelerate training run, from a :class:`~.config.TrainConfig` to a run folder.
 
-Order of events: resolve the resume point and load the data (a missing dataset fails here, before anything is
-built), build the accelerator, model, optimizer and loaders, fit the cosine keys by K-Means (fresh runs),
-``prepare``, restore the checkpoint (resumed runs), then per epoch: train (phases switch as scheduled),
-evaluate, log, checkpoint. Finally the model is exported to ``<output_dir>/model`` and ``results.json``
-written. See :mod:`.checkpoint` for the folder layout.
+Order of events: check the output folder (not locked by another run, writable, resumable) and load the data (a
+missing dataset fails here, before anything is written), build the accelerator, lock the output folder (main
+process, :mod:`.lock`), build the model, optimizer and loaders, fit the cosine keys by K-Means (fresh runs),
+``prepare``, restore the newest checkpoint that loads (resumed runs), then per epoch: train (phases switch as
+scheduled), evaluate, log, checkpoint. Finally the model is exported to ``<output_dir>/model`` and
+``results.json`` written. See :mod:`.checkpoint` for the folder layout and what keeps checkpoints safe.
 """
 import logging
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,21 +21,30 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 
 import pce_timm
 
 from .checkpoint import (
+    CheckpointKeeper,
+    NonFiniteLossError,
+    RunFolderError,
     TrainerState,
+    check_writable,
     checkpoint_folders,
+    load_newest_loadable,
     mark_complete,
-    resolve_resume,
+    nonfinite_state,
+    remove_incomplete,
+    resume_candidates,
     save_model_dir,
+    write_error,
     write_json_atomic,
 )
 from .config import TrainConfig, config_dict, flat_hparams, save_config
 from .data import DataBundle, build_loaders, data_config, load_data
-from .engine import Criterion, PhaseController, create_mixup, evaluate, train_one_epoch
+from .engine import Criterion, PhaseController, create_mixup, evaluate, last_good_note, train_one_epoch
+from .lock import RunLock
 from .metrics import routing_summary
 from .models import create_train_model, freeze_parts, starts_from_trained
 from .optim import create_optimizer, create_scheduler, updates_per_epoch
@@ -62,19 +73,29 @@ class RunContext:
     state: TrainerState
     data: Any  # DataBundle for classification; the task's own bundle otherwise
     task: 'Task' = None
-    last_checkpoint: Optional[str] = None
+    checkpoints: Optional[CheckpointKeeper] = None
     frozen_norms: Tuple[nn.Module, ...] = ()
+    lock: Optional[RunLock] = None
+
+    @property
+    def last_checkpoint(self) -> Optional[str]:
+        """The newest good checkpoint (see :class:`.checkpoint.CheckpointKeeper`), or None."""
+        good = self.checkpoints.last_good if self.checkpoints else None
+        return str(good) if good else None
 
 
 def build_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
-    """Accelerator with automatic checkpoint naming, trackers and DDP's unused-parameter search.
+    """Accelerator with automatic checkpoint naming (``checkpoint_<i>``), trackers and DDP's unused-parameter search.
+
+    accelerate's own ``total_limit`` stays off: it deletes old folders before the new one is written and counts
+    incomplete ones; :class:`.checkpoint.CheckpointKeeper` keeps ``checkpoint_limit`` safely instead.
 
     ``find_unused_parameters`` is on only when a phase routes without the router (positional / uniform):
     then the router and patch-embedding parameters get no gradient and DDP would otherwise stop with
     "Expected to have finished reduction in the prior iteration".
     """
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / 'logs'),
-                                   automatic_checkpoint_naming=True, total_limit=cfg.checkpoint.checkpoint_limit)
+                                   automatic_checkpoint_naming=True, total_limit=None)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=needs_unused_parameters(cfg.schedule.phases))
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     # `accelerate launch --multi_gpu` / torchrun on a machine without an accelerator: accelerate would give every
@@ -105,10 +126,54 @@ def export_model(ctx: RunContext, model_dir: Path) -> None:
     acc.wait_for_everyone()
 
 
-def _check_output_dir(output_dir: Path, resume_from: Optional[Path]) -> None:
-    if resume_from is None and checkpoint_folders(output_dir):
+def _check_output_dir(output_dir: Path, resume: Optional[str]) -> None:
+    """Before the data is loaded: refuse a folder another run holds, one that cannot be written, and a fresh run
+    over an earlier run's checkpoints; resolve ``--resume`` (its errors come here, before anything is built)."""
+    if os.environ.get('RANK', '0') == '0':  # the main process of any launcher; the lock itself is taken later
+        RunLock(output_dir).check()
+    check_writable(output_dir)
+    if resume is None and checkpoint_folders(output_dir):
         raise RecipeError(f'output_dir: {str(output_dir)!r} already holds checkpoints of an earlier run; pass '
                           f'--resume auto to continue it, or choose another --output-dir')
+    resume_candidates(resume, output_dir)
+
+
+def _lock_output_dir(accelerator: Accelerator, output_dir: Path) -> RunLock:
+    """The main process locks the folder; the others learn whether it could (so no rank waits for a refused one)."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, refused = RunLock(output_dir), [None]
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except RunFolderError as e:
+            refused = [e]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refused)
+    if refused[0] is not None:
+        raise refused[0]
+    return lock
+
+
+def _resume(ctx: RunContext, resume: str, output_dir: Path) -> None:
+    """Remove the checkpoint folders a kill left half-written, then load the newest checkpoint that loads."""
+    acc = ctx.accelerator
+    own = resume == 'auto' or output_dir.resolve() in (Path(resume).resolve(), *Path(resume).resolve().parents)
+    if acc.is_main_process and own:  # never another run's folder
+        for path in remove_incomplete(output_dir):
+            acc.print(f'resume: removed {path}, which a stopped run left incomplete')
+    acc.wait_for_everyone()
+    candidates = resume_candidates(resume, output_dir)
+    resume_from = load_newest_loadable(acc, candidates, resume if resume != 'auto' else output_dir)
+    # past every folder (accelerate refuses to overwrite one)
+    existing = [index for index, _ in checkpoint_folders(output_dir)]
+    acc.project_configuration.iteration = max([ctx.state.next_checkpoint] + [i + 1 for i in existing])
+    if resume_from is None:  # --resume auto on a folder without a complete checkpoint: a fresh start
+        set_seed(ctx.cfg.seed, device_specific=True)
+        return
+    ctx.checkpoints.last_good = resume_from
+    acc.print(f'resumed from {resume_from}: epoch {ctx.state.epoch}, batch {ctx.state.batch_in_epoch}, '
+              f'update {ctx.state.update}')
 
 
 ModelFn = Callable[[TrainConfig, DataBundle], Tuple[nn.Module, List[nn.Module]]]
@@ -196,15 +261,26 @@ class ClassificationTask(Task):
 def _setup(cfg: TrainConfig, model_fn: Optional[ModelFn] = None, task: Optional[Task] = None) -> RunContext:
     task = task or ClassificationTask(model_fn)
     output_dir = Path(cfg.checkpoint.output_dir)
-    resume_from = resolve_resume(cfg.checkpoint.resume, output_dir)
-    _check_output_dir(output_dir, resume_from)
+    _check_output_dir(output_dir, cfg.checkpoint.resume)
     data = task.load_data(cfg)  # a missing / unreadable dataset stops here, before anything is built
     accelerator = build_accelerator(cfg, output_dir)
+    lock = _lock_output_dir(accelerator, output_dir)
+    try:
+        return _build(cfg, task, data, accelerator, output_dir, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build(cfg: TrainConfig, task: Task, data: Any, accelerator: Accelerator, output_dir: Path,
+           lock: RunLock) -> RunContext:
     phases = cfg.schedule.phases
     if accelerator.distributed_type == DistributedType.FSDP and any(p.ema_keys for p in phases):
         raise RecipeError('phases: EMA key updates (routing: ema / keys: ema) are not supported under FSDP (the '
                           'keys are sharded); accepted under FSDP: routing positional, uniform or router with '
                           'keys learnable / frozen')
+    resume = cfg.checkpoint.resume
+    fresh = not resume_candidates(resume, output_dir)  # --resume auto without a complete checkpoint starts fresh
     set_seed(cfg.seed)
     model, frozen_norms = task.build_model(cfg, data)
     frozen_norms = list(frozen_norms) + freeze_parts(model, cfg.model.freeze or [])
@@ -212,7 +288,7 @@ def _setup(cfg: TrainConfig, model_fn: Optional[ModelFn] = None, task: Optional[
     loaders = task.build_loaders(cfg, data)
     state = TrainerState()
     model.to(accelerator.device)
-    if resume_from is None and cfg.model.key_init == 'kmeans' and not starts_from_trained(cfg.model):
+    if fresh and cfg.model.key_init == 'kmeans' and not starts_from_trained(cfg.model):
         fitted = fit_router_keys(model, loaders['key_init'], cfg.model.key_init_batches, cfg.seed,
                                  accelerator.device, cfg.log.progress and accelerator.is_local_main_process)
         state.keys_initialised = bool(fitted)
@@ -230,30 +306,68 @@ def _setup(cfg: TrainConfig, model_fn: Optional[ModelFn] = None, task: Optional[
     criterion = task.criterion(cfg, data)
     ctx = RunContext(cfg, accelerator, model, optimizer, scheduler, loaders, criterion,
                      PhaseController(accelerator.unwrap_model(model), optimizer, tuple(phases)), state, data,
-                     task=task, frozen_norms=tuple(frozen_norms))
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        # past every folder, also one left incomplete by a kill (accelerate refuses to overwrite a folder)
-        existing = [index for index, _ in checkpoint_folders(output_dir)]
-        accelerator.project_configuration.iteration = max([state.next_checkpoint] + [i + 1 for i in existing])
-        ctx.last_checkpoint = str(resume_from)
-        accelerator.print(f'resumed from {resume_from}: epoch {state.epoch}, batch {state.batch_in_epoch}, '
-                          f'update {state.update}')
+                     task=task, frozen_norms=tuple(frozen_norms), lock=lock,
+                     checkpoints=CheckpointKeeper(output_dir, cfg.checkpoint.checkpoint_limit,
+                                                  accelerator.is_main_process))
+    if resume is not None:
+        _resume(ctx, resume, output_dir)
     else:
         set_seed(cfg.seed, device_specific=True)  # different augmentation per rank
     return ctx
 
 
 def _save_checkpoint(ctx: RunContext, elapsed: float) -> None:
-    """``save_state`` on every process; the main one then marks the folder complete (see :mod:`.checkpoint`)."""
-    acc = ctx.accelerator
-    ctx.state.elapsed = elapsed
-    ctx.state.next_checkpoint = acc.save_iteration + 1
-    path = acc.save_state()
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        mark_complete(path)
-    ctx.last_checkpoint = path
+    """Save a checkpoint of a finite state: ``save_state`` on every process, then the main one writes the manifest
+    (:func:`.checkpoint.mark_complete`); :class:`.checkpoint.CheckpointKeeper` rotates once the next training loss
+    (or the end of the run) shows the state is good. A disk or permission failure becomes one
+    :class:`.checkpoint.RunFolderError`; the half-written folder is removed.
+
+    Raises:
+        NonFiniteLossError: a parameter, buffer or optimizer state is NaN / inf: the state is not saved.
+    """
+    acc, state = ctx.accelerator, ctx.state
+    bad = nonfinite_state(acc.unwrap_model(ctx.model), ctx.optimizer)
+    if acc.num_processes > 1:  # FSDP shards: each process checks its own
+        bad = sorted({name for names in gather_object([bad]) for name in names})
+    if bad:
+        ctx.checkpoints.reject('the state held NaN / inf')
+        raise NonFiniteLossError(
+            f'the training state after update {state.update} (epoch {state.epoch + 1}, batch {state.batch_in_epoch}, '
+            f'phase {state.phase!r}) holds NaN / inf values in {", ".join(bad[:3])}'
+            f'{f" and {len(bad) - 3} more" if len(bad) > 3 else ""}; it was not saved. {last_good_note(ctx)}')
+    state.elapsed = elapsed
+    state.next_checkpoint = acc.save_iteration + 1
+    folder = Path(acc.project_dir) / 'checkpoints' / f'checkpoint_{acc.save_iteration}'
+    try:
+        path = acc.save_state()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            mark_complete(path, update=state.update, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch)
+    except Exception as e:
+        error = write_error(e, folder, f'saving checkpoint {folder}', _keep_note(ctx))
+        if error is None:
+            raise
+        if acc.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)  # half a checkpoint: give its space back
+        raise error from e
+    ctx.checkpoints.saved(Path(path), confirmed=False)
+
+
+def _keep_note(ctx: RunContext) -> str:
+    if ctx.last_checkpoint:
+        return f'the last good checkpoint {ctx.last_checkpoint} is kept: fix that, then continue with --resume auto'
+    return 'no checkpoint had been saved yet: fix that and start again'
+
+
+def _write(ctx: RunContext, what: str, path: Path, write: Callable[[], Any]) -> Any:
+    """Run ``write`` (config, final model, results); a disk or permission failure becomes one RunFolderError."""
+    try:
+        return write()
+    except Exception as e:
+        error = write_error(e, path, f'writing {what}', _keep_note(ctx))
+        if error is None:
+            raise
+        raise error from e
 
 
 def _epoch_record(ctx: RunContext, epoch: int, losses: Dict[str, float], metrics: Dict[str, Any],
@@ -307,18 +421,28 @@ def train(cfg: TrainConfig, model_fn: Optional[ModelFn] = None, task: Optional[T
     Raises:
         pce_timm.data.DatasetNotFoundError: the dataset is missing or unreadable (before training starts).
         RecipeError: a config value does not fit the model or the output folder.
-        NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept and named.
+        NonFiniteLossError: the loss or the state became NaN/inf; the last good checkpoint is kept and named.
+        RunFolderError: the output folder is in use by another run, cannot be written (read-only, disk full), or
+            holds no checkpoint that loads (``--resume``).
     """
     started = time.time()
     if task is not None and model_fn is not None:
         raise ValueError('train: pass model_fn or task, not both (a task builds its own model)')
     task = task or ClassificationTask(model_fn)
     ctx = _setup(cfg, task=task)
-    acc, state = ctx.accelerator, ctx.state
+    try:
+        return _run(ctx, started)
+    finally:
+        ctx.lock.release()
+
+
+def _run(ctx: RunContext, started: float) -> Dict[str, Any]:
+    cfg, task, acc, state = ctx.cfg, ctx.task, ctx.accelerator, ctx.state
     epochs = cfg.schedule.epochs
     output_dir = Path(cfg.checkpoint.output_dir)
     if acc.is_main_process:
-        save_config(cfg, output_dir, extra=task.config())
+        _write(ctx, 'the config', output_dir / 'config.yaml',
+               lambda: save_config(cfg, output_dir, extra=task.config()))
     config = {**config_dict(cfg), **task.config()}
     acc.init_trackers(output_dir.name, config=flat_hparams(config))
     session_start, base_elapsed = time.time(), state.elapsed
@@ -340,11 +464,13 @@ def train(cfg: TrainConfig, model_fn: Optional[ModelFn] = None, task: Optional[T
             _epoch_record(ctx, epoch, losses, metrics, time.time() - epoch_start)
             if (epoch + 1) % cfg.checkpoint.checkpoint_every == 0 or epoch + 1 == epochs:
                 _save_checkpoint(ctx, elapsed())
-        task.export(ctx, output_dir / 'model')
+        ctx.checkpoints.confirm()  # the run is done: its last checkpoint is its result
+        _write(ctx, 'the final model', output_dir / 'model', lambda: task.export(ctx, output_dir / 'model'))
         results = _results(ctx, elapsed(), time.time() - started, config)
         results.update(task.finish(ctx, results, output_dir))
         if acc.is_main_process:
-            write_json_atomic(results, output_dir / RESULTS_FILE)
+            _write(ctx, RESULTS_FILE, output_dir / RESULTS_FILE,
+                   lambda: write_json_atomic(results, output_dir / RESULTS_FILE))
         acc.print(f'{task.describe(results)}; wrote {output_dir / RESULTS_FILE} and {output_dir / "model"}')
         return results
     finally:
