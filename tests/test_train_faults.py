@@ -169,6 +169,8 @@ def test_files_honour_the_umask(two_checkpoints):
     assert mode(two_checkpoints / 'model') == '0o775'
     assert {mode(p) for p in (two_checkpoints / 'model').iterdir()} == {'0o664'}
     assert mode(two_checkpoints / 'results.json') == '0o664' and mode(two_checkpoints / 'config.yaml') == '0o664'
+    checkpoint = two_checkpoints / 'checkpoints' / 'checkpoint_1'
+    assert mode(checkpoint) == '0o775' and {mode(p) for p in checkpoint.iterdir()} == {'0o664'}  # safetensors: 0600
 
 
 # ---------------------------------------------------------------------------------------------------------

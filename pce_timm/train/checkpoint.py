@@ -110,10 +110,17 @@ def is_complete(checkpoint: str | os.PathLike) -> bool:
 
 
 def mark_complete(checkpoint: str | os.PathLike, **info: Any) -> None:
-    """Write the manifest, last: every file of the checkpoint with its size (and ``info``), atomically."""
+    """Write the manifest, last: every file of the checkpoint with its size (and ``info``), atomically.
+
+    Files get the permissions the umask gives (those of the folder, without execute): safetensors writes 0600.
+    """
     root = Path(checkpoint)
-    files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob('*'))
-             if p.is_file() and not p.name.startswith('.')}
+    paths = [p for p in sorted(root.rglob('*')) if p.is_file() and not p.name.startswith('.')]
+    mode = root.stat().st_mode & 0o666
+    for path in paths:
+        if path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
+    files = {str(p.relative_to(root)): p.stat().st_size for p in paths}
     write_file_atomic(root / COMPLETE_MARKER, json.dumps({'files': files, **info}, indent=1) + '\n')
 
 
@@ -347,7 +354,8 @@ def write_error(error: BaseException, path: str | os.PathLike, doing: str, then:
         return None
     reason = _WRITE_ERRNOS.get(code, 'the write was cut short')
     where = f' ({free / 2 ** 20:.1f} MiB free there)' if free is not None and code in (errno.ENOSPC, errno.EIO) else ''
-    return RunFolderError(f'{doing}: {reason}: {path}{where}{"; " + then if then else ""}')
+    named = '' if str(path) in doing else f': {path}'
+    return RunFolderError(f'{doing}: {reason}{named}{where}{"; " + then if then else ""}')
 
 
 def _free_bytes(path: Path) -> Optional[int]:

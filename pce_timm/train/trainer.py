@@ -331,9 +331,11 @@ def _save_checkpoint(ctx: RunContext, elapsed: float) -> None:
         bad = sorted({name for names in gather_object([bad]) for name in names})
     if bad:
         ctx.checkpoints.reject('the state held NaN / inf')
+        where = (f'epoch {state.epoch + 1}, batch {state.batch_in_epoch}' if state.batch_in_epoch
+                 else f'the end of epoch {state.epoch}')
         raise NonFiniteLossError(
-            f'the training state after update {state.update} (epoch {state.epoch + 1}, batch {state.batch_in_epoch}, '
-            f'phase {state.phase!r}) holds NaN / inf values in {", ".join(bad[:3])}'
+            f'the training state after update {state.update} ({where}, phase {state.phase!r}) holds NaN / inf '
+            f'values in {", ".join(bad[:3])}'
             f'{f" and {len(bad) - 3} more" if len(bad) > 3 else ""}; it was not saved. {last_good_note(ctx)}')
     state.elapsed = elapsed
     state.next_checkpoint = acc.save_iteration + 1
