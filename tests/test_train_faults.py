@@ -328,6 +328,19 @@ def test_write_failure_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monke
     assert [p.name for p in _checkpoints(run)] == ['checkpoint_0'] and is_complete(run / 'checkpoints' / 'checkpoint_0')
 
 
+def test_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
+    from pce_timm.train.trackers import CSVTracker
+
+    def log(self, values, step=None, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+    monkeypatch.setattr(CSVTracker, 'log', log)
+    assert run_cli(lambda: train(fast_args(tmp_path))) == 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'error: training: no space left on device: {tmp_path / "run" / "logs"}')
+    assert 'no checkpoint had been saved yet' in err[0]
+
+
 def test_unwritable_output_dir_is_refused_at_start(tmp_path, monkeypatch, capsys):
     run = tmp_path / 'run'
     real_access = os.access

@@ -434,6 +434,11 @@ def train(cfg: TrainConfig, model_fn: Optional[ModelFn] = None, task: Optional[T
     ctx = _setup(cfg, task=task)
     try:
         return _run(ctx, started)
+    except OSError as e:  # any other write into the run folder (the trackers' logs): what and where, too
+        error = write_error(e, Path(cfg.checkpoint.output_dir), 'training', _keep_note(ctx))
+        if error is None:
+            raise
+        raise error from e
     finally:
         ctx.lock.release()
 
