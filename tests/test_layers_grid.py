@@ -279,3 +279,35 @@ def test_patch_far_larger_than_the_map_is_refused_naming_patch_map_and_fix():
     assert 14 * 14 <= MAX_PADDED_AREA * 2 * 2
     with pytest.warns(UserWarning, match='1x1 patch grid'):
         PCEConv2d(8, 8, stride=2, patch_size=14).eval()(torch.randn(1, 8, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the benchmark's grid section (scripts/benchmark.py --section grid): what it builds and how it reads the goals
+
+def test_grid_section_builds_every_grid_next_to_resnet18_and_names_their_grids():
+    from pce_timm.benchmark_models import GRID_SETTINGS, grid_cases
+
+    old, default, finer = GRID_SETTINGS[:3]
+    assert default[1] == dict(patch_grid=DEFAULT_PATCH_GRID)
+    cases = grid_cases(['pce_resnet18'], input_size=64, batch_size=1, settings=(old, finer))
+    assert [c.name for c in cases] == ['resnet18', f'pce_resnet18, {old[0]}', f'pce_resnet18, {finer[0]}']
+    assert all(c.ref == {'resnet18': 1.0} for c in cases)
+    grids = [c.info['grids'] for c in cases]  # 64 px, ImageNet stem: layer3 / layer4 maps of 4 and 2 px
+    assert grids == ['', 'layer3 1x1 (7 px), layer4 1x1 (7 px)', 'layer3 4x4 (1 px), layer4 2x2 (1 px)']
+    with pytest.raises(ValueError, match='compares PCE-ResNet-18s with resnet18'):
+        grid_cases(['pce_resnet50'], input_size=64, batch_size=1)
+
+
+def test_grid_goals_read_issue_12s_limits_for_every_grid_of_pce_resnet18_e8():
+    from pce_timm.benchmark_models import grid_goals
+
+    rows = [{'model': 'resnet18', 'train_x': 1.0, 'infer_x': 1.0},
+            {'model': 'pce_resnet18, patch_grid (7, 7, 2, 2), the default', 'train_x': 0.99, 'infer_x': 0.99},
+            {'model': 'pce_resnet18_e8, patch_size (8, 4, 7, 7) px, the old default', 'train_x': 0.91, 'infer_x': 0.96},
+            {'model': 'pce_resnet18_e8, patch_grid (7, 7, 2, 2), the default', 'train_x': 0.89, 'infer_x': 0.97},
+            {'model': 'pce_resnet18_e8, patch_grid (7, 7, 4, 4)', 'train_x': 0.95, 'infer_x': 0.94}]
+    goals = grid_goals(rows)
+    assert [g['routing'] for g in goals] == ['patch_size (8, 4, 7, 7) px, the old default',
+                                             'patch_grid (7, 7, 2, 2), the default', 'patch_grid (7, 7, 4, 4)']
+    assert [(g['train_ok'], g['infer_ok'], g['ok']) for g in goals] == [
+        (True, True, True), (False, True, False), (True, False, False)]
