@@ -585,8 +585,9 @@ def git_worktree(rev: str, repo: Path = ROOT) -> Iterator[Tuple[str, Path]]:
 def section_cases(spec: Dict[str, object]) -> Tuple[List[Case], Callable[[], torch.Tensor]]:
     """The cases of one section and their input, from a JSON-able spec.
 
-    ``spec``: ``section`` ('layers', 'bound' or 'models'); for layers and bound ``input_shape`` (B, C, H, W),
-    ``patch_size``, ``kernel_size``; for models ``models`` (names), ``size``, ``batch_size``.
+    ``spec``: ``section`` ('layers', 'bound', 'models', 'grid' or 'dense'); for layers and bound ``input_shape``
+    (B, C, H, W), ``patch_size``, ``kernel_size``; for models and grid ``models`` (names), ``size``, ``batch_size``;
+    for dense ``size``, ``batch_size``.
     """
     section = spec['section']
     if section in ('layers', 'bound'):
@@ -598,12 +599,17 @@ def section_cases(spec: Dict[str, object]) -> Tuple[List[Case], Callable[[], tor
 
         size, batch = spec['size'], spec['batch_size']
         return model_cases(spec['models'], size, batch), lambda: torch.randn(batch, 3, size, size)
+    if section == 'grid':
+        from .benchmark_models import grid_cases
+
+        size, batch = spec['size'], spec['batch_size']
+        return grid_cases(spec['models'], size, batch), lambda: torch.randn(batch, 3, size, size)
     if section == 'dense':
         from .benchmark_dense import dense_cases
 
         size, batch = spec['size'], spec['batch_size']
         return dense_cases(size, batch), lambda: torch.rand(batch, 3, size, size)
-    raise ValueError(f"section must be 'layers', 'bound', 'models' or 'dense', got {section!r}")
+    raise ValueError(f"section must be 'layers', 'bound', 'models', 'grid' or 'dense', got {section!r}")
 
 
 def _apply_process_setting() -> bool:

@@ -8,11 +8,16 @@ Each PCE model is compared with its dense counterpart, timed in the same interle
 - timm's CondConv mixture of experts ``efficientnet_cc_b0_4e`` -> ``efficientnet_b0``, as a reference point
   for what another conv-MoE costs over its dense model.
 
+The grid section (:func:`grid_cases`) times ``pce_resnet18`` / ``pce_resnet18_e8`` built with several routing
+grids (:data:`GRID_SETTINGS`: the earlier pixel default, the default ``patch_grid`` and finer grids) next to one
+``resnet18``, all in one worker process, and reads the zoo's speed goals for each grid (:func:`grid_goals`).
+
 Throughput is images per second (batch / median time), forward in eval mode without gradients and one
 training step (forward + backward) in train mode. MACs are counted with ``torch.utils.flop_counter`` (convs,
 matmuls: the ops that cost; gathers and element-wise ops are not counted) per image of the timed batch, in
 eval mode.
 """
+import warnings
 from typing import Dict, List
 
 import timm
@@ -24,13 +29,21 @@ import pce_timm  # noqa: F401  (registers the pce_* models)
 
 from .benchmark import Case, Timing
 
-__all__ = ['DEFAULT_MODELS', 'baseline_of', 'count_gmacs', 'model_cases', 'model_goals', 'model_rows',
-           'format_model_table']
+__all__ = ['DEFAULT_MODELS', 'GRID_MODELS', 'GRID_SETTINGS', 'baseline_of', 'count_gmacs', 'model_cases',
+           'model_goals', 'model_rows', 'format_model_table', 'grid_cases', 'grid_goals', 'format_grid_table']
 
 DEFAULT_MODELS = (
     'pce_resnet18', 'pce_resnet18_e8', 'pce_resnet18_e8 (expert choice)', 'pce_resnet34', 'pce_resnet34_e8',
     'pce_resnet50', 'pce_resnet50_e8',
     'pce_vit_hybrid_small_r18', 'efficientnet_cc_b0_4e',
+)
+GRID_MODELS = ('pce_resnet18', 'pce_resnet18_e8')
+# label -> the model kwargs of a routing grid (pce_resnet18's PCE stages are 2 and 3, ``layer3`` / ``layer4``)
+GRID_SETTINGS = (
+    ('patch_size (8, 4, 7, 7) px, the old default', dict(patch_size=(8, 4, 7, 7))),
+    ('patch_grid (7, 7, 2, 2), the default', dict(patch_grid=(7, 7, 2, 2))),
+    ('patch_grid (7, 7, 4, 4)', dict(patch_grid=(7, 7, 4, 4))),
+    ('patch_grid (7, 7, 7, 7)', dict(patch_grid=(7, 7, 7, 7))),
 )
 DENSE_TWIN = 'dense twin'  # a PCE model rebuilt with pce_stages=()
 EXPERT_CHOICE = 'expert choice'  # a PCE model rebuilt with choice='expert'
@@ -126,5 +139,92 @@ def format_model_table(rows: List[Dict[str, object]], processes: List[str] = ())
         table.append([r['model']] + ([processes[i]] if processes else []) + [
             r['baseline'] or '-', f"{r['params_m']:.2f}", f"{r['gmacs']:.2f}",
             f"{r['infer_img_s']:.1f}", ratio(r['infer_x']), f"{r['train_img_s']:.1f}", ratio(r['train_x'])])
+    from .utils import markdown_table  # parent side only (see pce_timm.benchmark's docstring)
+    return markdown_table(header, table)
+
+
+def routing_grids(model: nn.Module, input_size: int, in_chans: int = 3) -> str:
+    """Each PCE stage's patch grid and output patch in px for one ``input_size`` image, e.g. ``'layer3 2x2 (7
+    px), layer4 2x2 (4 px)'`` (the grid of a stage's stride-1 layers; the first block's covers the same regions)."""
+    from pce_timm.layers import PCEConv2d
+
+    maps: Dict[str, tuple] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:  # returns None: the input passes unchanged
+            maps.setdefault(name, tuple(args[0].shape[2:]))
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name))
+             for name, module in model.named_modules() if isinstance(module, PCEConv2d)]
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # a 1x1 grid warns; the table says so itself
+            model(torch.zeros(1, in_chans, input_size, input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    stages: Dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PCEConv2d) and module.stride == 1 and name in maps:
+            h, w = (int(v) for v in maps[name])
+            patch = module.patch_size_for(h, w) if hasattr(module, 'patch_size_for') else module.patch_size
+            gh, gw = (h + patch[0] - 1) // patch[0], (w + patch[1] - 1) // patch[1]
+            stages.setdefault(name.split('.')[0], f'{gh}x{gw} ({patch[0]} px)')
+    return ', '.join(f'{stage} {grid}' for stage, grid in stages.items())
+
+
+def grid_cases(models: List[str] = GRID_MODELS, input_size: int = 224, batch_size: int = 32,
+               settings=GRID_SETTINGS) -> List[Case]:
+    """``resnet18``, then every model of ``models`` with every routing grid of ``settings`` ((label, model kwargs)
+    pairs, default :data:`GRID_SETTINGS`), each
+    divided by that resnet18 (one worker: the same process, the same rounds). A setting an older tree cannot
+    build (no ``patch_grid`` before it existed) is left out."""
+    base = 'resnet18'
+    dense = timm.create_model(base)
+    cases = [Case(base, lambda m=dense: m, {'role': 'dense', 'baseline': None, 'grids': '',
+                                            'params_m': sum(p.numel() for p in dense.parameters()) / 1e6,
+                                            'gmacs': count_gmacs(dense, input_size, batch_size=batch_size)},
+                  {base: 1.0})]
+    for name in models:
+        if baseline_of(name) != base:
+            raise ValueError(f'the grid section compares PCE-ResNet-18s with resnet18, got {name!r}')
+        for label, kwargs in settings:
+            try:
+                model = timm.create_model(name, **kwargs)
+            except TypeError:
+                continue  # an --old-rev tree from before patch_grid
+            info = {'role': 'pce', 'baseline': base, 'routing': label, 'grids': routing_grids(model, input_size),
+                    'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+                    'gmacs': count_gmacs(model, input_size, batch_size=batch_size)}
+            cases.append(Case(f'{name}, {label}', lambda m=model: m, info, {base: 1.0}))
+    return cases
+
+
+def grid_goals(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Issue 12's goals for ``pce_resnet18_e8`` (train >= 0.9x, inference >= 0.95x resnet18) at every grid."""
+    goals = []
+    for row in rows:
+        if not str(row['model']).startswith('pce_resnet18_e8, '):
+            continue
+        train_ok, infer_ok = row['train_x'] >= 0.9, row['infer_x'] >= 0.95
+        goals.append({'routing': row['model'].split(', ', 1)[1], 'train_x': round(row['train_x'], 3),
+                      'infer_x': round(row['infer_x'], 3), 'train_ok': bool(train_ok), 'infer_ok': bool(infer_ok),
+                      'ok': bool(train_ok and infer_ok)})
+    return goals
+
+
+def format_grid_table(rows: List[Dict[str, object]], grids: Dict[str, str]) -> str:
+    """Markdown table of the grid section's :func:`model_rows`, with each case's grids (``grids``: name -> text)."""
+    header = ['model', 'routing', 'PCE grids at this size (output patch)', 'params (M)', 'GMACs', 'infer img/s',
+              'infer x', 'train img/s', 'train x']
+    table = []
+    for r in rows:
+        model, _, routing = str(r['model']).partition(', ')
+        ratio = (lambda v: f'{v:.2f}') if r['baseline'] else (lambda v: '')
+        table.append([model, routing or '-', grids.get(r['model'], '') or '-', f"{r['params_m']:.2f}",
+                      f"{r['gmacs']:.2f}", f"{r['infer_img_s']:.1f}", ratio(r['infer_x']), f"{r['train_img_s']:.1f}",
+                      ratio(r['train_x'])])
     from .utils import markdown_table  # parent side only (see pce_timm.benchmark's docstring)
     return markdown_table(header, table)

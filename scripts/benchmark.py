@@ -7,6 +7,7 @@
     python scripts/benchmark.py --old-rev main       # + the same cases on the code of git revision main
     python scripts/benchmark.py --section models     # PCE models next to timm's dense models, 224 px, b32
     python scripts/benchmark.py --section models --models pce_resnet18_e8 --model-rounds 5
+    python scripts/benchmark.py --section grid       # pce_resnet18(_e8) at several routing grids vs resnet18, 224 px
     python scripts/benchmark.py --section dense      # detector + segmenter, PCE vs dense backbone, 128 px, b8
     python scripts/benchmark.py --profile 'pce E=8 top-1'   # where one layer case spends its training step
     python scripts/benchmark.py --section bound --rounds 30  # top-1 with free gathers: can faster gathers reach 1.25x?
@@ -49,11 +50,13 @@ from pce_timm.benchmark import (
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--section', choices=('layers', 'bound', 'models', 'dense', 'all'), default='layers',
+    parser.add_argument('--section', choices=('layers', 'bound', 'models', 'grid', 'dense', 'all'), default='layers',
                         help="layers: the layer table and its goals; bound: top-1 PCE with its two gathers made free "
                              "(a lower bound for any gather implementation) next to its dense blocks; "
-                             "models: whole PCE models next to timm's dense ones; dense: the dense recipes' "
-                             "detector and segmenter with a PCE vs a dense backbone; all: the four")
+                             "models: whole PCE models next to timm's dense ones; grid: pce_resnet18(_e8) at several "
+                             "routing grids (the old pixel default, the default patch_grid, finer) next to resnet18 "
+                             "in one process, and the zoo's speed goals at each; dense: the dense recipes' "
+                             "detector and segmenter with a PCE vs a dense backbone; all: the five")
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--channels', type=int, default=64)
     parser.add_argument('--size', type=int, default=32, help='layer input height = width')
@@ -63,9 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--models', nargs='+', default=None,
                         help='models section: pce_* models (and efficientnet_cc_b0_*) to time next to their dense '
                              'baselines (default: every PCE-ResNet, pce_vit_hybrid_small_r18, efficientnet_cc_b0_4e)')
-    parser.add_argument('--model-size', type=int, default=224, help='models section: input height = width')
-    parser.add_argument('--model-batch-size', type=int, default=32)
-    parser.add_argument('--model-rounds', type=int, default=3, help='models section: timed rounds per model')
+    parser.add_argument('--grid-models', nargs='+', default=None,
+                        help='grid section: PCE-ResNet-18s to time at every grid (default: pce_resnet18 '
+                             'pce_resnet18_e8)')
+    parser.add_argument('--model-size', type=int, default=224, help='models and grid sections: input height = width')
+    parser.add_argument('--model-batch-size', type=int, default=32, help='models and grid sections: batch size')
+    parser.add_argument('--model-rounds', type=int, default=3,
+                        help='models and grid sections: timed rounds per model')
     parser.add_argument('--dense-size', type=int, default=128, help='dense section: image height = width')
     parser.add_argument('--dense-batch-size', type=int, default=8)
     parser.add_argument('--dense-rounds', type=int, default=3, help='dense section: timed rounds per model')
@@ -196,6 +203,40 @@ def run_models(args: argparse.Namespace, variants: list) -> dict:
     return out
 
 
+def run_grid(args: argparse.Namespace, variants: list) -> dict:
+    from pce_timm.benchmark_models import GRID_MODELS, format_grid_table, grid_goals, model_rows
+
+    size, batch = args.model_size, args.model_batch_size
+    spec = {'section': 'grid', 'models': list(args.grid_models or GRID_MODELS), 'size': size, 'batch_size': batch,
+            'threads': args.threads}
+    results = time_variants(spec, variants, rounds=args.model_rounds, warmup=1, desc='grid')
+    print(f'\nRouting grids: batch {batch}, {size}x{size} px, {_setting(results, args.model_rounds)}, every case in '
+          'one worker per process setting; x = throughput / resnet18 (higher is better); the grids are each PCE '
+          "stage's (its stride-1 layers') patch grid at this size, with the output patch in px\n")
+    out = {'input_size': [batch, 3, size, size], 'variants': {}}
+    for r in results:
+        rows = model_rows(r.timings, batch)
+        grids = {t.name: t.info.get('grids', '') for t in r.timings}
+        goals = grid_goals(rows)
+        if len(results) > 1:
+            print(f'{r.variant.label}:\n')
+        print(format_grid_table(rows, grids))
+        print()
+        for goal in goals:
+            print(f"[{'OK ' if goal['ok'] else 'MISS'}] pce_resnet18_e8, {goal['routing']}: train {goal['train_x']} "
+                  f"(at least 0.9), inference {goal['infer_x']} (at least 0.95) [{r.variant.label}]")
+        held = [g['routing'] for g in goals if g['ok']]
+        print(f"goals hold at: {'; '.join(held) if held else 'none of these grids'} [{r.variant.label}]\n")
+        out['variants'][r.variant.label] = {'code': r.variant.code, 'process': r.variant.process, **r.meta,
+                                            'rows': [dict(row, grids=grids[row['model']]) for row in rows],
+                                            'goals': goals}
+    first = out['variants'][results[0].variant.label]
+    out['rows'], out['goals'] = first['rows'], first['goals']
+    out['new_over_old'] = new_over_old(results)
+    _print_new_over_old(results)
+    return out
+
+
 def run_dense(args: argparse.Namespace, variants: list) -> dict:
     from pce_timm.benchmark_models import format_model_table, model_rows
 
@@ -241,8 +282,8 @@ def run(args: argparse.Namespace, old=None) -> dict:
           + (f'; code: {THIS_TREE} and {old[0]}' if old else ''))
     results = {'torch': torch.__version__,
                'variants': [{'label': v.label, 'code': v.code, 'process': v.process} for v in variants]}
-    sections = ('layers', 'bound', 'models', 'dense') if args.section == 'all' else (args.section,)
-    runners = {'layers': run_layers, 'bound': run_bound, 'models': run_models, 'dense': run_dense}
+    sections = ('layers', 'bound', 'models', 'grid', 'dense') if args.section == 'all' else (args.section,)
+    runners = {'layers': run_layers, 'bound': run_bound, 'models': run_models, 'grid': run_grid, 'dense': run_dense}
     for section in sections:
         results[section] = runners[section](args, variants)
     return results

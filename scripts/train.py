@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train a pce_timm (or any timm) model with accelerate.
 
-    python scripts/train.py --model pce_resnet18 --dataset fashion_mnist --epochs 2 --output-dir runs/x
+    python scripts/train.py --model pce_resnet18 --stem-type cifar --model-kwargs channels=[16,32,64,128] \
+        --dataset fashion_mnist --epochs 2 --output-dir runs/x   # 28 px: 1.5 M params, 2x2 routing grids
     python scripts/train.py --config scripts/configs/demo_fmnist.yaml --output-dir runs/x
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py --config ... # N processes (CPU: gloo)
     python scripts/train.py --resume runs/x                                       # continue a run

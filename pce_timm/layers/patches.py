@@ -17,6 +17,20 @@ def grid_size(height: int, width: int, patch_size: Tuple[int, int]) -> Tuple[int
     return (height + patch_size[0] - 1) // patch_size[0], (width + patch_size[1] - 1) // patch_size[1]
 
 
+def grid_patch_size(height: int, width: int, patch_grid: Tuple[int, int], stride: int = 1) -> Tuple[int, int]:
+    """The patch size (h, w) that cuts a ``height x width`` map into a ``patch_grid`` of patches, or as close as
+    whole patches allow.
+
+    Sized on the output map of a stride-``stride`` conv (``ceil(size / stride)`` pixels a side): each output patch
+    is ``ceil(out / grid)`` pixels, and the patch on the input map ``stride`` times that, so the grid never
+    exceeds ``patch_grid`` (nor the output map: a map smaller than the grid gets 1-pixel output patches) and a
+    patch is a multiple of ``stride``. A map of 7 output pixels and a grid of 2 gives 4-pixel patches (the
+    last one padded); 14 and 2 gives 7.
+    """
+    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+    return (-(-out_h // patch_grid[0]) * stride, -(-out_w // patch_grid[1]) * stride)
+
+
 class PatchGeometry(NamedTuple):
     """The static sizes of one PCE layer on one input size, all Python ints (see :func:`patch_geometry`).
 

@@ -31,6 +31,7 @@ the experts, never to the mixing weights, moved outside the graph after every op
 Shape legend: b batch, c/o in/out channels, h/w input map, ho/wo output map, n patches, e experts,
 k top-k, d embedding dim, t = b * n tokens, s slots per expert (capacity).
 """
+import warnings
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -54,7 +55,7 @@ from .dispatch.plans import is_exporting, is_tracing
 from .embed import PatchEmbedSPP
 from .experts import ConvExperts
 from .mix import mix_pixels
-from .patches import grid_size, patch_positions
+from .patches import grid_patch_size, grid_size, patch_positions
 from .routers import (
     ROUTERS,
     create_router,
@@ -76,6 +77,12 @@ from .routing_stats import (
 ROUTING_MODES = ('router', 'positional', 'uniform')
 CHOICES = ('token', 'expert')  # token: each patch picks its top-k experts; expert: each expert its top-c patches
 BALANCES = ('loss', 'bias')  # loss: Switch load-balance loss; bias: loss-free balancing bias
+DEFAULT_PATCH_SIZE = 8  # pixels, when neither patch_size nor patch_grid is given
+# A patch may exceed its map (one padded patch: a 1x1 grid, which warns), up to this many times the map's area
+# after padding; beyond, the padding costs memory for nothing (``patch_size=1000`` on a 7x7 map asked for 32 GB),
+# so the layer refuses it. 64 keeps every patch the zoo's old default (8, 4, 7, 7) px gives down to 1x1 maps
+# (at most 49x), so models saved with it load and run as before.
+MAX_PADDED_AREA = 64
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -83,20 +90,38 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f'{name} must be an int >= 1, got {value!r}')
 
 
+def _check_patches(
+        patch_size: Union[int, Tuple[int, int], None], patch_grid: Union[int, Tuple[int, int], None],
+        stride: int) -> Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]]:
+    """The layer's ``(patch_size, patch_grid)`` as (h, w) tuples, exactly one of them None; ValueError if bad."""
+    if patch_size is not None and patch_grid is not None:
+        raise ValueError(f'give patch_size (pixels of a patch) or patch_grid (patches per side of the map), not '
+                         f'both; got patch_size={patch_size!r}, patch_grid={patch_grid!r}')
+    if patch_grid is not None:
+        grid = tuple(to_2tuple(patch_grid))
+        if len(grid) != 2:
+            raise ValueError(f'patch_grid must be an int or (rows, cols), got {patch_grid!r}')
+        for size in grid:
+            _check_positive_int('patch_grid', size)
+        return None, (int(grid[0]), int(grid[1]))
+    size = tuple(to_2tuple(DEFAULT_PATCH_SIZE if patch_size is None else patch_size))
+    if len(size) != 2:
+        raise ValueError(f'patch_size must be an int or (h, w), got {patch_size!r}')
+    for value in size:
+        _check_positive_int('patch_size', value)
+        if value % stride != 0:
+            raise ValueError(f'patch_size {size} must be a multiple of stride={stride}')
+    return (int(size[0]), int(size[1])), None
+
+
 def _check_arguments(
-        in_chs: int, out_chs: int, kernel_size: int, stride: int, num_experts: int,
-        patch_size: Union[int, Tuple[int, int]], top_k: Optional[int], router: str, embed_chs: int,
-        capacity_factor: float, eval_capacity_factor: Optional[float], gumbel_tau: float, choice: str = 'token',
-        balance: str = 'loss', bias_update_rate: float = 0.0) -> Tuple[int, int]:
-    """Raise ValueError naming the first bad argument of :class:`PCEConv2d`; returns the patch size (h, w)."""
+        in_chs: int, out_chs: int, kernel_size: int, stride: int, num_experts: int, top_k: Optional[int], router: str,
+        embed_chs: int, capacity_factor: float, eval_capacity_factor: Optional[float], gumbel_tau: float,
+        choice: str = 'token', balance: str = 'loss', bias_update_rate: float = 0.0) -> None:
+    """Raise ValueError naming the first bad argument of :class:`PCEConv2d` (the patches: :func:`_check_patches`)."""
     for name, value in (('in_chs', in_chs), ('out_chs', out_chs), ('kernel_size', kernel_size),
                         ('stride', stride), ('num_experts', num_experts), ('embed_chs', embed_chs)):
         _check_positive_int(name, value)
-    patch_size = to_2tuple(patch_size)
-    for size in patch_size:
-        _check_positive_int('patch_size', size)
-        if size % stride != 0:
-            raise ValueError(f'patch_size {patch_size} must be a multiple of stride={stride}')
     if kernel_size % 2 == 0:
         raise ValueError(f'kernel_size must be odd (same padding), got {kernel_size}')
     if top_k is not None:
@@ -115,7 +140,6 @@ def _check_arguments(
     if choice == 'expert' and eval_capacity_factor is not None:
         raise ValueError("eval_capacity_factor does not apply to choice='expert' (eval picks as training does, "
                          'with capacity_factor); leave it None')
-    return int(patch_size[0]), int(patch_size[1])
 
 
 def check_choice_balance(choice: str, balance: str, soft: bool, bias_update_rate: float = 0.0) -> None:
@@ -147,6 +171,8 @@ class PCEConv2d(nn.Module):
     last_embeddings: Optional[torch.Tensor]
     last_expert_mask: Optional[torch.Tensor]
     eval_capacity_factor: Optional[float]
+    patch_grid: Optional[Tuple[int, int]]
+    layer_name: str
 
     def __init__(
             self,
@@ -155,7 +181,7 @@ class PCEConv2d(nn.Module):
             kernel_size: int = 3,
             stride: int = 1,
             num_experts: int = 4,
-            patch_size: Union[int, Tuple[int, int]] = 8,
+            patch_size: Union[int, Tuple[int, int], None] = None,
             top_k: Optional[int] = None,
             router: str = 'cosine',
             embed_chs: int = 8,
@@ -173,6 +199,7 @@ class PCEConv2d(nn.Module):
             choice: str = 'token',
             balance: str = 'loss',
             bias_update_rate: float = 1e-3,
+            patch_grid: Union[int, Tuple[int, int], None] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
     ):
@@ -180,7 +207,9 @@ class PCEConv2d(nn.Module):
         Args:
             in_chs, out_chs, kernel_size, stride: as for ``nn.Conv2d`` (padding is ``kernel_size // 2``).
             num_experts: E, the number of Conv-BN-ReLU experts.
-            patch_size: routing unit (int or (h, w)) on the input map; a multiple of ``stride``.
+            patch_size: routing unit (int or (h, w)) in pixels of the input map; a multiple of ``stride``. Default
+                (neither it nor ``patch_grid`` given): 8. A patch may be larger than the map (one padded patch)
+                up to a padded area of :data:`MAX_PADDED_AREA` times the map's; beyond, forward raises a ValueError.
             top_k: None routes softly over all experts; k sends each patch only to its k best experts.
             router: one of ``ROUTERS``: 'cosine' (keys), 'mlp', 'positional' (+ noise), 'uniform'.
             embed_chs: C' of the patch embedding; D = C' x sum(level^2 for level in spp_levels).
@@ -213,19 +242,30 @@ class PCEConv2d(nn.Module):
                 optimizer step, ``bias += bias_update_rate * sign(mean load - load)``; the load-balance loss is
                 then off for this layer). Expert choice applies no load-balance loss either. Settable.
             bias_update_rate: the step of that update, in logit units.
+            patch_grid: instead of ``patch_size``: the patch grid (int or (rows, cols)), patches per side of the
+                layer's output map. The patch size is derived from each input's map at forward time
+                (:func:`.patches.grid_patch_size`: ``ceil(ceil(size / stride) / grid) * stride`` pixels, from
+                the shapes as Python ints, so graphs stay static), so the layer routes the same grid at every
+                input size (at most that grid: a map smaller than it gets one output pixel per patch). Not
+                together with ``patch_size``.
             device, dtype: where and in which dtype to build parameters and buffers (timm's factory kwargs).
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        patch_size = _check_arguments(
-            in_chs, out_chs, kernel_size, stride, num_experts, patch_size, top_k, router, embed_chs, capacity_factor,
+        _check_arguments(
+            in_chs, out_chs, kernel_size, stride, num_experts, top_k, router, embed_chs, capacity_factor,
             eval_capacity_factor, gumbel_tau, choice, balance, bias_update_rate)
+        fixed_patch, patch_grid = _check_patches(patch_size, patch_grid, stride)
         self.in_chs = in_chs
         self.out_chs = out_chs
         self.kernel_size = kernel_size
         self.stride = stride
         self.num_experts = num_experts
-        self.patch_size: Tuple[int, int] = patch_size
+        # the patch in pixels: the fixed one, or with patch_grid the one of the last forward ((0, 0) before any)
+        self.patch_size: Tuple[int, int] = (0, 0) if fixed_patch is None else fixed_patch
+        self.patch_grid = patch_grid
+        self.layer_name = ''  # the layer's name in its model, for messages (set by the PCE models)
+        self.warned_single_patch = False  # the 1x1-grid warning is given once per layer
         self.soft = top_k is None
         self.top_k = num_experts if top_k is None else top_k
         self.router_name = router
@@ -260,10 +300,13 @@ class PCEConv2d(nn.Module):
         # phase that switches a layer to the bias trains it, but checkpoints of that phase do not keep it).
         self.balance_bias_saved = balance == 'bias'
         self.register_buffer('balance_bias', torch.zeros(num_experts, **dd), persistent=self.balance_bias_saved)
-        self.soft_dispatch = SoftDispatch(self.patch_size)
-        self.slot_dispatch = SlotDispatch(self.patch_size)
-        self.sorted_dispatch = SortedDispatch(self.patch_size)
-        self.expert_choice_dispatch = ExpertChoiceDispatch(self.patch_size)
+        # forward passes every dispatch the patch size of its input, so the constructor's only matters for callers
+        # of the dispatch modules themselves
+        dispatch_patch = (1, 1) if fixed_patch is None else fixed_patch
+        self.soft_dispatch = SoftDispatch(dispatch_patch)
+        self.slot_dispatch = SlotDispatch(dispatch_patch)
+        self.sorted_dispatch = SortedDispatch(dispatch_patch)
+        self.expert_choice_dispatch = ExpertChoiceDispatch(dispatch_patch)
 
         self.last_router_logits = None
         self.last_routing_weights = None
@@ -297,10 +340,19 @@ class PCEConv2d(nn.Module):
         if x.shape[1] != self.in_chs:
             raise ValueError(f'PCEConv2d expects in_chs={self.in_chs} input channels, got {x.shape[1]}')
         b, _, h, w = x.shape
-        grid = grid_size(h, w, self.patch_size)
+        patch = self.patch_size_for(h, w)
+        if self.patch_grid is not None and not is_exporting():  # an exported graph has no module state
+            self.patch_size = patch
+        grid = grid_size(h, w, patch)
+        if not torch.jit.is_scripting():
+            self._check_patch(patch, h, w)
+            if grid[0] * grid[1] == 1 and not self.warned_single_patch and not is_tracing():
+                self._warn_single_patch(patch, h, w)
+        if b == 0:  # as nn.Conv2d: an empty batch gives an empty batch
+            return self._empty_output(x)
         positions = patch_positions(grid, x.device)
         if self.embed is not None:
-            embeddings = self.embed(x, self.patch_size)
+            embeddings = self.embed(x, patch)
         else:
             embeddings = x.new_zeros(b, grid[0] * grid[1], 0)
         router_logits = self._router_logits(embeddings, positions) + self.logit_bias.float()  # [b, n, e]
@@ -309,7 +361,7 @@ class PCEConv2d(nn.Module):
         if self.choice == 'expert':
             capacity = expert_choice_capacity(n, self.num_experts, self.top_k, self.capacity_factor)
             chosen = expert_choice(router_logits, capacity, self.gumbel_tau, self.training)
-            out = self._mix_rows(self.expert_choice_dispatch(x, chosen, self.experts))
+            out = self._mix_rows(self.expert_choice_dispatch(x, chosen, self.experts, patch))
             expert_mask = chosen.expert_mask  # [b, n, e]
             # by expert id; per patch its most probable picking expert (its most probable one when dropped)
             routing_weights = torch.zeros_like(router_logits.transpose(1, 2)).scatter(
@@ -323,9 +375,9 @@ class PCEConv2d(nn.Module):
                 router_logits.reshape(-1, self.num_experts), self.top_k, self.gumbel_tau, self.training, choice_bias)
             routing = Routing(expert_indices, routing_weights)
             if self.soft:
-                out = self.mix(self.soft_dispatch(x, routing, self.experts))
+                out = self.mix(self.soft_dispatch(x, routing, self.experts, patch))
             else:
-                out = self._mix_rows(self._dispatch_sparse(x, routing))
+                out = self._mix_rows(self._dispatch_sparse(x, routing, patch))
         if self.track_routing and not is_exporting():  # an exported graph has no module state
             self.last_router_logits = router_logits
             self.last_routing_weights = routing_weights.reshape(b, n, -1)
@@ -352,15 +404,57 @@ class PCEConv2d(nn.Module):
             return positional_logits(positions, b, self.num_experts, self.router_noise_std, self.training)
         return self.router(embeddings, positions)
 
-    def _dispatch_sparse(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _dispatch_sparse(self, x: torch.Tensor, routing: Routing, patch: Tuple[int, int]) -> torch.Tensor:
         """Pick the sparse discipline: slots while training, sorted in exact eager eval, else static slots.
 
         Returns output pixel rows [b, ho, wo, o].
         """
         exact = not self.training and self.eval_capacity_factor is None
         if exact and not is_tracing() and not x.is_meta:  # meta tensors hold no routing to size by
-            return self.sorted_dispatch(x, routing, self.experts)
-        return self.slot_dispatch(x, routing, self.experts, self._capacity(routing.expert_indices.shape[0]))
+            return self.sorted_dispatch(x, routing, self.experts, patch)
+        return self.slot_dispatch(x, routing, self.experts, self._capacity(routing.expert_indices.shape[0]), patch)
+
+    def patch_size_for(self, height: int, width: int) -> Tuple[int, int]:
+        """The patch (h, w) in pixels this layer cuts a ``height x width`` input map into: ``patch_size``, or the
+        one ``patch_grid`` gives that map (:func:`.patches.grid_patch_size`)."""
+        patch_grid = self.patch_grid
+        if patch_grid is not None:
+            return grid_patch_size(height, width, patch_grid, self.stride)
+        return self.patch_size
+
+    def _describe(self) -> str:
+        name = f'PCE layer {self.layer_name!r}' if self.layer_name else 'a PCEConv2d layer'
+        return f'{name} ({self.in_chs} -> {self.out_chs} channels, stride {self.stride})'
+
+    @torch.jit.unused
+    def _check_patch(self, patch: Tuple[int, int], height: int, width: int) -> None:
+        """ValueError for a patch whose padding would grow the map past :data:`MAX_PADDED_AREA` times its area."""
+        grid = grid_size(height, width, patch)
+        padded = grid[0] * patch[0] * grid[1] * patch[1]
+        if padded <= MAX_PADDED_AREA * height * width:
+            return
+        out_h, out_w = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
+        raise ValueError(
+            f'{self._describe()}: patch_size {patch[0]}x{patch[1]} px is larger than its {height}x{width} px input '
+            f'map (padded to {padded // (height * width)}x the map\'s area; at most {MAX_PADDED_AREA}x). Pass a patch '
+            f'of at most {height}x{width} px (a PCE model\'s patch_size counts px of the stage\'s output map: at most '
+            f'{out_h}x{out_w} here), or patch_grid (patches per side of the map) instead of patch_size.')
+
+    @torch.jit.unused
+    def _warn_single_patch(self, patch: Tuple[int, int], height: int, width: int) -> None:
+        self.warned_single_patch = True
+        warnings.warn(
+            f'{self._describe()} routes a 1x1 patch grid: its {height}x{width} px input map is one patch of '
+            f'{patch[0]}x{patch[1]} px, so routing picks experts per image, by content alone, and position '
+            f'plays no part. Give it smaller patches (patch_size, or patch_grid: patches per side) or feed it a '
+            f'larger map (larger images, or a model with less downsampling before it, e.g. stem_type=\'cifar\' '
+            f'or PCE in earlier stages). Warned once per layer.', stacklevel=3)
+
+    def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The output [0, o, ho, wo] of an empty batch, through the experts' conv and BatchNorm (which in training
+        counts the batch and keeps its statistics, as nn.BatchNorm2d does on an empty batch) and the mix."""
+        out = self.experts.forward_dense(x)[:, :self.out_chs]
+        return self.mix(out)
 
     def _capacity(self, num_tokens: int) -> int:
         """Slots per expert of the slot discipline.
@@ -435,7 +529,8 @@ class PCEConv2d(nn.Module):
         top_k = 'soft' if self.soft else f'top_k={self.top_k}'
         extra = '' if self.choice == 'token' else f', choice={self.choice}'
         extra += '' if self.balance == 'loss' else f', balance={self.balance}'
+        patches = f'patch_size={self.patch_size}' if self.patch_grid is None else f'patch_grid={self.patch_grid}'
         return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
-                f'num_experts={self.num_experts}, patch_size={self.patch_size}, {top_k}, router={self.router_name}'
+                f'num_experts={self.num_experts}, {patches}, {top_k}, router={self.router_name}'
                 f'{extra}')
 

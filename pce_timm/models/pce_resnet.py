@@ -11,14 +11,19 @@ so a PCE stage accepts only those and raises for any other).
 Defaults of the zoo, and why:
 - ``pce_stages=(2, 3)``: PCE in the last two stages, where patches are few and carry meaning; the early,
   high-resolution stages stay dense, which is where PCE's gather/scatter overhead would cost the most.
-- ``patch_size=(8, 4, 7, 7)``: one patch size per stage, in pixels of the stage's output map. At 224 px
-  stage 2 (14x14 px) routes a 2x2 grid of 7x7 px patches and stage 3 (7x7 px) routes each image as one
-  patch; larger inputs get larger grids (a 4x4 and a 2x2 grid at 448 px). A patch's halo window
-  (``patch + 2`` px on a side for a 3x3 conv) must stay close to the patch for the sparse path to cost
-  what the dense conv costs: at 224 px, 7 px patches keep ``pce_resnet18_e8`` at 0.8x+ of resnet18's
-  throughput, where 2 px patches (a 7x7 / 4x4 grid, windows 4x the patch) ran at ~0.65x
-  (``scripts/benchmark.py --section models``). Pass ``patch_size=2`` for the finer routing picture. The
-  first block of a stage has stride 2 and sees the stage's input map: its layer's patch size is the
+- ``patch_grid=(7, 7, 2, 2)`` (:data:`DEFAULT_PATCH_GRID`): the routing grid, patches per side of each stage's
+  output map; every PCE layer derives its patch size from its map at forward time (``ceil(map / grid)`` px), so
+  the layers route a grid at any input size. At 224 px this is the earlier pixel default ``patch_size=(8, 4, 7,
+  7)`` in stages 0-2 (stage 2, 14x14 px: a 2x2 grid of 7x7 px patches), and in stage 3 (7x7 px) a 2x2 grid of
+  4x4 px patches (the last row and column padded) where 7 px patches made each image one patch; at 28 px with
+  the CIFAR stem (stage maps 28 / 14 / 7 / 4 px) stages 2-3 route 2x2 grids. A layer routing one patch (a 1x1
+  grid: a 1x1 map, e.g. stage 3 of the ImageNet stem at 28 px) warns, once. Grids stay coarse on purpose: a
+  patch's halo window (``patch + 2`` px on a side for a 3x3 conv) must stay close to the patch for the sparse
+  path to cost what the dense conv costs (2 px patches, a 7x7 / 4x4 grid at 224 px with windows 4x the patch,
+  ran ``pce_resnet18_e8`` at ~0.65x resnet18's throughput; ``scripts/benchmark.py --section grid`` times the
+  grids). ``patch_size`` (px of each stage's output map, an int or one per stage) fixes the patches in pixels
+  instead and wins when given; every model saved before ``patch_grid`` existed records it, and rebuilds as it
+  was. The first block of a stage has stride 2 and sees the stage's input map: its layer's patch is the
   stage's x 2, so its patches cover the same image regions.
 - ``top_k=1``: sparse top-1 routing, so a PCE conv costs about what the dense conv costs.
 - ``mix_conv=False``: the layer's optional 1x1 mix after the weighted sum of experts is linear, and so is
@@ -71,13 +76,20 @@ SOFT = 'soft'  # top_k value for soft routing over all experts (None does not su
 # Arguments that define a PCE-ResNet's architecture beyond its depth; recorded as the model's model_args
 # (saved with timm's save_for_hf / push_to_hf_hub) so a saved model rebuilds exactly.
 PCE_ARCH_ARGS = (
-    'stem_type', 'num_experts', 'top_k', 'router', 'pce_stages', 'patch_size', 'capacity_factor', 'embed_chs',
-    'attention', 'gumbel_tau', 'mix_conv', 'pce_kwargs', 'expert_counts', 'choice', 'balance', 'bias_update_rate',
+    'stem_type', 'num_experts', 'top_k', 'router', 'pce_stages', 'patch_size', 'patch_grid', 'capacity_factor',
+    'embed_chs', 'attention', 'gumbel_tau', 'mix_conv', 'pce_kwargs', 'expert_counts', 'choice', 'balance',
+    'bias_update_rate',
 )
+# The default routing grid: patches per side of each stage's output map, the patch size derived from the map at
+# forward time. At 224 px it gives the old default's pixels, (8, 4, 7, 7), in stages 0-2 (56 / 28 / 14 px maps)
+# and 4 px patches (a 2x2 grid) in stage 3's 7 px map, where 7 px patches routed every image as one patch; at 28 px
+# with the CIFAR stem (28 / 14 / 7 / 4 px maps) stages 2-3 route 2x2 grids instead of one patch each.
+DEFAULT_PATCH_GRID = (7, 7, 2, 2)
 # The PCEConv2d arguments PCEResNet sets itself, which pce_kwargs must not repeat.
 PCE_ARGS_SET_BY_MODEL = frozenset({
     'num_experts', 'top_k', 'router', 'embed_chs', 'capacity_factor', 'gumbel_tau', 'mix_conv', 'attention',
-    'patch_size', 'in_chs', 'out_chs', 'kernel_size', 'stride', 'choice', 'balance', 'bias_update_rate',
+    'patch_size', 'patch_grid', 'in_chs', 'out_chs', 'kernel_size', 'stride', 'choice', 'balance',
+    'bias_update_rate',
 })
 
 
@@ -112,21 +124,24 @@ def _create_pce_conv(
         in_chs: int,
         out_chs: int,
         stride: int,
-        patch_size: int,
+        patch_size: Optional[int],
         pce_args: Dict[str, Any],
+        patch_grid: Optional[int] = None,
         device=None,
         dtype=None,
 ) -> PCEConv2d:
-    """A 3x3 PCEConv2d whose patches cover ``patch_size`` output pixels, built on ``device`` in ``dtype``."""
-    return PCEConv2d(in_chs, out_chs, kernel_size=3, stride=stride, patch_size=patch_size * stride,
-                     device=device, dtype=dtype, **pce_args)
+    """A 3x3 PCEConv2d whose patches cover ``patch_size`` output pixels, or (``patch_grid``, when
+    ``patch_size`` is None) a ``patch_grid x patch_grid`` grid of the output map, built on ``device`` in ``dtype``."""
+    patches = dict(patch_size=patch_size * stride) if patch_size is not None else dict(patch_grid=patch_grid)
+    return PCEConv2d(in_chs, out_chs, kernel_size=3, stride=stride, device=device, dtype=dtype, **patches, **pce_args)
 
 
 class PCEBasicBlock(nn.Module):
     """timm's BasicBlock whose first 3x3 conv (+ bn1 + act1) is a PCEConv2d.
 
     Takes timm's BasicBlock arguments (as passed by ``make_blocks``) plus ``patch_size`` (in pixels of the
-    block's output map) and ``pce_args`` (the remaining PCEConv2d arguments). DropBlock, where enabled,
+    block's output map), or ``patch_grid`` (patches per side of it; with ``patch_size=None``), and ``pce_args``
+    (the remaining PCEConv2d arguments). DropBlock, where enabled,
     acts on the PCE output (after the experts' ReLU, where timm's block applies it before the activation).
     ``norm_layer`` / ``act_layer`` build the dense ``bn2`` / ``act2`` and must be the experts' own,
     nn.BatchNorm2d / nn.ReLU (a ValueError says so otherwise); ``device`` / ``dtype`` reach every module.
@@ -151,8 +166,9 @@ class PCEBasicBlock(nn.Module):
             aa_layer: Optional[Type[nn.Module]] = None,
             drop_block: Optional[Callable[[], nn.Module]] = None,
             drop_path: Optional[nn.Module] = None,
-            patch_size: int = 2,
+            patch_size: Optional[int] = 2,
             pce_args: Optional[Dict[str, Any]] = None,
+            patch_grid: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -161,7 +177,7 @@ class PCEBasicBlock(nn.Module):
         _check_block_args(cardinality, base_width, dilation, first_dilation, aa_layer, norm_layer, act_layer)
         first_planes = planes // reduce_first
         outplanes = planes * self.expansion
-        self.conv1 = _create_pce_conv(inplanes, first_planes, stride, patch_size, pce_args or {}, **dd)
+        self.conv1 = _create_pce_conv(inplanes, first_planes, stride, patch_size, pce_args or {}, patch_grid, **dd)
         self.drop_block = drop_block() if drop_block is not None else nn.Identity()
         self.conv2 = nn.Conv2d(first_planes, outplanes, kernel_size=3, padding=1, bias=False, **dd)
         self.bn2 = norm_layer(outplanes, **dd)
@@ -206,8 +222,9 @@ class PCEBottleneck(nn.Module):
             aa_layer: Optional[Type[nn.Module]] = None,
             drop_block: Optional[Callable[[], nn.Module]] = None,
             drop_path: Optional[nn.Module] = None,
-            patch_size: int = 2,
+            patch_size: Optional[int] = 2,
             pce_args: Optional[Dict[str, Any]] = None,
+            patch_grid: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -220,7 +237,7 @@ class PCEBottleneck(nn.Module):
         self.conv1 = nn.Conv2d(inplanes, first_planes, kernel_size=1, bias=False, **dd)
         self.bn1 = norm_layer(first_planes, **dd)
         self.act1 = act_layer(inplace=True)
-        self.conv2 = _create_pce_conv(first_planes, width, stride, patch_size, pce_args or {}, **dd)
+        self.conv2 = _create_pce_conv(first_planes, width, stride, patch_size, pce_args or {}, patch_grid, **dd)
         self.drop_block = drop_block() if drop_block is not None else nn.Identity()
         self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False, **dd)
         self.bn3 = norm_layer(outplanes, **dd)
@@ -333,7 +350,7 @@ class PCEResNet(ResNet):
             top_k: Union[int, str, None] = 1,
             router: str = 'cosine',
             pce_stages: Sequence[int] = (2, 3),
-            patch_size: Union[int, Sequence[int]] = (8, 4, 7, 7),
+            patch_size: Union[int, Sequence[int], None] = None,
             capacity_factor: float = 1.0,
             embed_chs: int = 8,
             attention: bool = False,
@@ -345,6 +362,7 @@ class PCEResNet(ResNet):
             balance: str = 'loss',
             bias_update_rate: float = 1e-3,
             output_stride: int = 32,
+            patch_grid: Union[int, Sequence[int], None] = DEFAULT_PATCH_GRID,
             device=None,
             dtype=None,
     ):
@@ -364,7 +382,8 @@ class PCEResNet(ResNet):
                 ``timm.create_model``, which drops None-valued kwargs.
             router: the PCE layers' router ('cosine', 'mlp', 'positional', 'uniform').
             pce_stages: indices (0-3) of the stages built from PCE blocks.
-            patch_size: routing patch size in pixels of each stage's output map; an int or one per stage.
+            patch_size: routing patch size in pixels of each stage's output map; an int or one per stage. When
+                given it wins over ``patch_grid`` (models saved before ``patch_grid`` existed all record it).
             capacity_factor: slots per expert in the sparse path while training, relative to a perfectly balanced
                 load (eval routes every patch to exactly its chosen experts).
             embed_chs: channels of the patch embedding the router reads.
@@ -382,6 +401,10 @@ class PCEResNet(ResNet):
             output_stride: 32, 16 or 8, as timm's ResNet: 16 dilates stage 3 instead of striding it, 8 stages 2
                 and 3 (DeepLabV3+ asks for 16). PCE layers have no dilated experts, so a dilated stage must be
                 dense: a ValueError names the stages ``output_stride`` dilates and the ``pce_stages`` that fit.
+            patch_grid: without ``patch_size``: the routing grid, patches per side of each stage's output map (an
+                int or one per stage); each PCE layer derives its patch size from its map at forward time, so it
+                routes that grid at any input size (at most that grid: a smaller map gets 1 px patches). Default
+                :data:`DEFAULT_PATCH_GRID`, ``(7, 7, 2, 2)``.
         """
         if len(layers) != 4 or len(channels) != 4:
             raise ValueError(f'layers and channels must have 4 stages, got layers={layers!r}, channels={channels!r}')
@@ -391,7 +414,13 @@ class PCEResNet(ResNet):
             raise ValueError(f'stem_type must be one of {STEM_TYPES}, got {stem_type!r}')
         pce_stages = _check_pce_stages(pce_stages, len(layers))
         _check_output_stride(output_stride, pce_stages)
-        patch_sizes = _per_stage('patch_size', patch_size, len(layers))
+        if patch_size is not None:  # pixels win: the only form of every model saved before patch_grid
+            patch_sizes, patch_grids = _per_stage('patch_size', patch_size, len(layers)), (None,) * len(layers)
+        else:
+            if patch_grid is None:
+                raise ValueError('give patch_size (px of each stage\'s output map) or patch_grid (patches per side '
+                                 f'of it), e.g. the default patch_grid={DEFAULT_PATCH_GRID}; both are None')
+            patch_sizes, patch_grids = (None,) * len(layers), _per_stage('patch_grid', patch_grid, len(layers))
         pce_kwargs = _check_pce_kwargs(pce_kwargs)
 
         if mix_conv is None:  # decided once for the model, so a layer given another expert count keeps it
@@ -402,7 +431,7 @@ class PCEResNet(ResNet):
         stage_args = {i: dict(pce_args, attention=attention and i == pce_stages[-1]) for i in pce_stages}
         dense_block, pce_block = BLOCKS[block]
         block_fns = tuple(
-            _stage_block(pce_block, patch_size=patch_sizes[i], pce_args=stage_args[i])
+            _stage_block(pce_block, patch_size=patch_sizes[i], patch_grid=patch_grids[i], pce_args=stage_args[i])
             if i in pce_stages else dense_block
             for i in range(len(layers)))
         super().__init__(
@@ -415,13 +444,17 @@ class PCEResNet(ResNet):
         if stem_type == 'cifar':
             self._use_cifar_stem(in_chans, device=device, dtype=dtype)
         if expert_counts:
-            self._set_expert_counts(expert_counts, patch_sizes, stage_args, device=device, dtype=dtype)
+            self._set_expert_counts(expert_counts, patch_sizes, stage_args, patch_grids, device=device, dtype=dtype)
+        for name, module in self.named_modules():
+            if isinstance(module, PCEConv2d):
+                module.layer_name = name  # for the layer's messages
 
     def _set_expert_counts(
             self,
             expert_counts: Mapping[str, int],
-            patch_sizes: Tuple[int, ...],
+            patch_sizes: Tuple[Optional[int], ...],
             stage_args: Dict[int, Dict[str, Any]],
+            patch_grids: Tuple[Optional[int], ...],
             device=None,
             dtype=None,
     ) -> None:
@@ -442,7 +475,8 @@ class PCEResNet(ResNet):
             stage = int(block_name.split('.')[0][len('layer'):]) - 1  # timm's ResNet stages are layer1..layer4
             old: PCEConv2d = getattr(block, block.pce_name)
             layer = _create_pce_conv(old.in_chs, old.out_chs, old.stride, patch_sizes[stage],
-                                     dict(stage_args[stage], num_experts=count), device=device, dtype=dtype)
+                                     dict(stage_args[stage], num_experts=count), patch_grids[stage], device=device,
+                                     dtype=dtype)
             _init_experts(layer)
             setattr(block, block.pce_name, layer)
 
@@ -498,6 +532,8 @@ def pce_arch_args(**kwargs: Any) -> Dict[str, Any]:
     args = {name: kwargs.get(name, params[name].default) for name in PCE_ARCH_ARGS}
     if args['top_k'] is None:
         args['top_k'] = SOFT
+    if args['patch_size'] is not None:
+        args['patch_grid'] = None  # pixels win (see PCEResNet); None is dropped when timm rebuilds the model
     return args
 
 
@@ -607,7 +643,7 @@ TAG_ARCH_ARGS: Dict[str, Dict[str, Any]] = {
 
 
 def _comparable_arch_value(key: str, value: Any, num_stages: int = 4) -> Any:
-    if key == 'patch_size' and isinstance(value, int) and not isinstance(value, bool):
+    if key in ('patch_size', 'patch_grid') and isinstance(value, int) and not isinstance(value, bool):
         return (value,) * num_stages
     if key == 'pce_stages' and isinstance(value, (list, tuple)):
         return tuple(sorted(set(value)))

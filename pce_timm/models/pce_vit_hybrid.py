@@ -5,9 +5,11 @@ timm's :class:`~timm.layers.HybridEmbed` projecting its last feature map to toke
 timm's :class:`~timm.models.vision_transformer.VisionTransformer` with a class token, 'token' pooling and a
 linear head. ``forward_features`` returns tokens [B, 1 + N, C] (NLC) like every timm ViT.
 
-PCE sits in backbone stages 1 and 2 (``pce_stages=(1, 2)``), the last two the ViT sees; at 224 px both route
-a 7x7 patch grid. The PCE-ResNet arguments (``num_experts``, ``top_k``, ``router``, ``pce_stages``,
-``patch_size``, ``choice``, ``balance``, ...) go to the backbone, every other argument to the ViT.
+PCE sits in backbone stages 1 and 2 (``pce_stages=(1, 2)``), the last two the ViT sees; with the PCE-ResNet's
+default ``patch_grid`` they route a 7x7 and a 2x2 patch grid at any input size (at 224 px 4 px and 7 px patches,
+as the earlier pixel default did). The PCE-ResNet arguments (``num_experts``, ``top_k``, ``router``,
+``pce_stages``, ``patch_size``, ``patch_grid``, ``choice``, ``balance``, ...) go to the backbone, every other
+argument to the ViT.
 ``dynamic_img_size=True`` by default: the backbone takes any input size and the position embedding is resampled
 to its token grid.
 """

@@ -52,12 +52,13 @@ class ExpertChoiceDispatch(SparsePlanned):
     Its plan is the one of :class:`~.slots.SlotDispatch`.
     """
 
-    def forward(self, x: torch.Tensor, choice: ExpertChoice, experts: ConvExperts) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, choice: ExpertChoice, experts: ConvExperts,
+                patch_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """[b, c, h, w] -> output pixel rows [b, ho, wo, o]."""
         b, e, o = x.shape[0], experts.num_experts, experts.out_chs
         patch_indices, weights = choice.patch_indices, choice.weights  # [b, e, cap]
         cap = patch_indices.shape[2]
-        g = patch_geometry(x.shape[2], x.shape[3], self.patch_size, experts.kernel_size, experts.stride)
+        g = patch_geometry(x.shape[2], x.shape[3], self._patch_size(patch_size), experts.kernel_size, experts.stride)
         n = g.grid_h * g.grid_w
         num_tokens, num_slots = b * n, b * cap
         plan = self._plan(g, b, x.device)

@@ -85,12 +85,20 @@ def output_rows(
 
 class SparsePlanned(nn.Module):
     """What the sparse disciplines share: their patch size and a cache of :class:`~.plans.SparsePlan` per
-    (geometry, batch, device); :meth:`_plan` builds it afresh under TorchScript, which cannot run the cache."""
+    (geometry, batch, device); :meth:`_plan` builds it afresh under TorchScript, which cannot run the cache.
+
+    ``forward``'s ``patch_size``, when given, replaces the one set at construction for that call (a layer whose
+    patches are sized from its input map, ``PCEConv2d(patch_grid=...)``); the geometry, and so the plan's cache
+    key, holds the size used.
+    """
 
     def __init__(self, patch_size: Tuple[int, int]):
         super().__init__()
         self.patch_size = patch_size
         self.plans = PlanCache(sparse_plan)
+
+    def _patch_size(self, patch_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+        return self.patch_size if patch_size is None else patch_size
 
     def _plan(self, geometry: PatchGeometry, batch_size: int, device: torch.device) -> SparsePlan:
         if torch.jit.is_scripting():
@@ -104,12 +112,13 @@ class SlotDispatch(SparsePlanned):
     Its plan is the halo window of every patch and the token and patch offset of every output pixel.
     """
 
-    def forward(self, x: torch.Tensor, routing: Routing, experts: ConvExperts, capacity: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: Routing, experts: ConvExperts, capacity: int,
+                patch_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """[b, c, h, w] -> output pixel rows [b, ho, wo, o], with ``capacity`` slots per expert."""
         b, e, o = x.shape[0], experts.num_experts, experts.out_chs
         expert_indices, routing_weights = routing.expert_indices, routing.routing_weights
         num_tokens, k = expert_indices.shape
-        g = patch_geometry(x.shape[2], x.shape[3], self.patch_size, experts.kernel_size, experts.stride)
+        g = patch_geometry(x.shape[2], x.shape[3], self._patch_size(patch_size), experts.kernel_size, experts.stride)
         plan = self._plan(g, b, x.device)
         slot_of_assignment, assignment_of_slot = assign_slots(expert_indices, e, capacity)  # [k, t], [e * s]
         token_of_slot = torch.where(  # [s, e]

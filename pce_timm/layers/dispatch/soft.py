@@ -3,7 +3,7 @@
 Shape legend: b batch, c/o in/out channels, h/w input map, ho/wo output map, n patches, e experts,
 t = b * n tokens.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,11 +29,13 @@ class SoftDispatch(nn.Module):
         self.patch_size = patch_size
         self.plans = PlanCache(soft_plan)
 
-    def forward(self, x: torch.Tensor, routing: Routing, experts: ConvExperts) -> torch.Tensor:
-        """[b, c, h, w] -> [b, o, ho, wo]."""
+    def forward(self, x: torch.Tensor, routing: Routing, experts: ConvExperts,
+                patch_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """[b, c, h, w] -> [b, o, ho, wo]; ``patch_size`` replaces the constructor's for this call when given."""
         b, e = x.shape[0], experts.num_experts
         expert_indices, routing_weights = routing.expert_indices, routing.routing_weights
-        geometry = patch_geometry(x.shape[2], x.shape[3], self.patch_size, experts.kernel_size, experts.stride)
+        size = self.patch_size if patch_size is None else patch_size
+        geometry = patch_geometry(x.shape[2], x.shape[3], size, experts.kernel_size, experts.stride)
         plan = self._plan(geometry, b, x.device)
         weights = torch.zeros_like(routing_weights).scatter(1, expert_indices, routing_weights)  # [t, e] by id
         n = weights.shape[0] // b

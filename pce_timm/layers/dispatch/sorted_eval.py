@@ -3,7 +3,7 @@
 Shape legend: b batch, c/o in/out channels, ho/wo output map, e experts, k top-k, t tokens,
 a = k * t assignments (choice-major), ph/pw output patch size.
 """
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,13 @@ class SortedDispatch(SparsePlanned):
     is the one of :class:`~.slots.SlotDispatch`.
     """
 
-    def forward(self, x: torch.Tensor, routing: Routing, experts: ConvExperts) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: Routing, experts: ConvExperts,
+                patch_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """[b, c, h, w] -> output pixel rows [b, ho, wo, o]."""
         b, e, o = x.shape[0], experts.num_experts, experts.out_chs
         expert_indices, routing_weights = routing.expert_indices, routing.routing_weights
         num_tokens, k = expert_indices.shape
-        g = patch_geometry(x.shape[2], x.shape[3], self.patch_size, experts.kernel_size, experts.stride)
+        g = patch_geometry(x.shape[2], x.shape[3], self._patch_size(patch_size), experts.kernel_size, experts.stride)
         plan = self._plan(g, b, x.device)
         chosen = expert_indices.t().reshape(-1)  # [a], choice-major: assignment = choice * t + token
         order = torch.argsort(chosen, stable=True)
