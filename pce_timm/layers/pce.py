@@ -358,9 +358,24 @@ class PCEConv2d(nn.Module):
         Returns output pixel rows [b, ho, wo, o].
         """
         exact = not self.training and self.eval_capacity_factor is None
-        if exact and not is_tracing() and not x.is_meta:  # meta tensors hold no routing to size by
-            return self.sorted_dispatch(x, routing, self.experts)
+        if exact and not x.is_meta:  # meta tensors hold no routing to size by
+            if not is_tracing():
+                return self.sorted_dispatch(x, routing, self.experts)
+            if self._compiled_sorted_eval():  # the experts' runs as one custom op inside the compiled graph
+                return self.sorted_dispatch(x, routing, self.experts)
         return self.slot_dispatch(x, routing, self.experts, self._capacity(routing.expert_indices.shape[0]))
+
+    @torch.jit.unused
+    def _compiled_sorted_eval(self) -> bool:
+        """Whether a ``torch.compile`` graph (not ``torch.export``) of exact eval runs the sorted discipline.
+
+        It does without gradients and with BatchNorm running statistics: the experts' data-dependent runs are
+        then one custom op (no backward), so the graph costs what eager eval does. Exported graphs (and eval
+        with gradients) keep the static slots, a slot for every token at every expert.
+        """
+        bn = self.experts.bn
+        return (not is_exporting() and not torch.is_grad_enabled() and bn.running_mean is not None
+                and bn.running_var is not None)
 
     def _capacity(self, num_tokens: int) -> int:
         """Slots per expert of the slot discipline.
