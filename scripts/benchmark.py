@@ -11,6 +11,8 @@
     python scripts/benchmark.py --section dense      # detector + segmenter, PCE vs dense backbone, 128 px, b8
     python scripts/benchmark.py --profile 'pce E=8 top-1'   # where one layer case spends its training step
     python scripts/benchmark.py --section bound --rounds 30  # top-1 with free gathers: can faster gathers reach 1.25x?
+    python scripts/benchmark.py --section compile    # torch.compile: first-call time, compiled vs eager, 64 px, b8
+    python scripts/benchmark.py --section compile --compile-modes eval train --compile-img-size 224
 
 Speed is measured as a user's process gets it: every case runs in a plain worker subprocess, and nothing
 changes the allocator unless asked. --tuned adds a worker with glibc malloc tuning (PCE_TIMM_MALLOC_TUNING=1,
@@ -50,13 +52,16 @@ from pce_timm.benchmark import (
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--section', choices=('layers', 'bound', 'models', 'grid', 'dense', 'all'), default='layers',
+    parser.add_argument('--section', choices=('layers', 'bound', 'models', 'grid', 'dense', 'compile', 'all'),
+                        default='layers',
                         help="layers: the layer table and its goals; bound: top-1 PCE with its two gathers made free "
                              "(a lower bound for any gather implementation) next to its dense blocks; "
                              "models: whole PCE models next to timm's dense ones; grid: pce_resnet18(_e8) at several "
                              "routing grids (the old pixel default, the default patch_grid, finer) next to resnet18 "
                              "in one process, and the zoo's speed goals at each; dense: the dense recipes' "
-                             "detector and segmenter with a PCE vs a dense backbone; all: the five")
+                             "detector and segmenter with a PCE vs a dense backbone; compile: torch.compile's "
+                             "first-call time and compiled vs eager speed per model, each in a fresh process with "
+                             "a cold inductor cache; all: the first five")
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--channels', type=int, default=64)
     parser.add_argument('--size', type=int, default=32, help='layer input height = width')
@@ -76,6 +81,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--dense-size', type=int, default=128, help='dense section: image height = width')
     parser.add_argument('--dense-batch-size', type=int, default=8)
     parser.add_argument('--dense-rounds', type=int, default=3, help='dense section: timed rounds per model')
+    parser.add_argument('--compile-models', nargs='+', default=None,
+                        help='compile section: timm / pce_* models (default: resnet18 pce_resnet18 pce_resnet18_e8)')
+    parser.add_argument('--compile-modes', nargs='+', choices=('eval', 'train'), default=['eval'],
+                        help='compile section: eval (no_grad forward) and / or train (forward + backward); a cold '
+                             'compile of a PCE training step takes several minutes even at 64 px')
+    parser.add_argument('--compile-img-size', type=int, default=64, help='compile section: input height = width')
+    parser.add_argument('--compile-batch-size', type=int, default=8)
+    parser.add_argument('--compile-backend', default='inductor',
+                        help="compile section: torch.compile's backend (eager: Dynamo's tracing alone, aot_eager: "
+                             'and AOTAutograd; the difference to inductor is the code generation)')
+    parser.add_argument('--compile-rounds', type=int, default=5,
+                        help='compile section: timed rounds of eager and compiled calls after the first call')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
     parser.add_argument('--tuned', action='store_true',
                         help=f'also time every case in a worker with glibc malloc tuning ({PROCESSES["glibc tuned"]})')
@@ -91,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(a name from the layer or bound table, e.g. 'pce E=8 top-1'), in this plain process")
     args = parser.parse_args(argv)
     for name in ('batch_size', 'channels', 'size', 'patch_size', 'kernel_size', 'rounds', 'model_size',
-                 'model_batch_size', 'model_rounds', 'dense_size', 'dense_batch_size', 'dense_rounds'):
+                 'model_batch_size', 'model_rounds', 'dense_size', 'dense_batch_size', 'dense_rounds',
+                 'compile_img_size', 'compile_batch_size', 'compile_rounds'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
     if args.jemalloc == 'auto':
@@ -261,6 +279,26 @@ def run_dense(args: argparse.Namespace, variants: list) -> dict:
     return out
 
 
+def run_compile(args: argparse.Namespace, variants: list) -> dict:
+    from pce_timm.benchmark_compile import DEFAULT_MODELS, compile_rows, format_compile_table
+    from pce_timm.progress import progress_bar
+
+    models, modes = list(args.compile_models or DEFAULT_MODELS), list(dict.fromkeys(args.compile_modes))
+    size, batch = args.compile_img_size, args.compile_batch_size
+    if len(variants) > 1:
+        print('\n(compile section: this tree, plain processes only; --tuned / --jemalloc / --old-rev do not apply)')
+    with progress_bar(total=len(models) * len(modes), desc='compile', leave=False) as bar:
+        rows = compile_rows(models, modes, size, batch, args.compile_rounds, args.threads, progress=bar,
+                            backend=args.compile_backend)
+    print(f'\ntorch.compile (default mode, {args.compile_backend}): batch {batch}, {size}x{size} px, '
+          f'{rows[0]["threads"]} threads, one fresh process and a cold inductor cache per row; '
+          f'first call = compile + one call; eager / compiled ms: medians of {args.compile_rounds} interleaved '
+          'calls; speed-up = eager ms / compiled ms (above 1: compiled is faster); eval: no_grad forward, '
+          'train: forward + backward\n')
+    print(format_compile_table(rows))
+    return {'input_size': [batch, 3, size, size], 'backend': args.compile_backend, 'rows': rows}
+
+
 def run_profile(args: argparse.Namespace) -> int:
     sizes = args.channels, args.patch_size, args.kernel_size
     cases = {case.name: case for case in layer_cases(*sizes) + bound_cases(*sizes)}
@@ -283,7 +321,8 @@ def run(args: argparse.Namespace, old=None) -> dict:
     results = {'torch': torch.__version__,
                'variants': [{'label': v.label, 'code': v.code, 'process': v.process} for v in variants]}
     sections = ('layers', 'bound', 'models', 'grid', 'dense') if args.section == 'all' else (args.section,)
-    runners = {'layers': run_layers, 'bound': run_bound, 'models': run_models, 'grid': run_grid, 'dense': run_dense}
+    runners = {'layers': run_layers, 'bound': run_bound, 'models': run_models, 'grid': run_grid, 'dense': run_dense,
+               'compile': run_compile}
     for section in sections:
         results[section] = runners[section](args, variants)
     return results

@@ -36,6 +36,96 @@ class _ExpertsBatchNorm(nn.BatchNorm2d):
     __constants__ = [name for name in nn.BatchNorm2d.__constants__ if name != 'num_features']
 
 
+def expert_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
+                groups: int) -> torch.Tensor:
+    """The experts' conv (``groups`` experts side by side): on halo windows (no padding) on CPU in its fastest
+    form for the sizes (:func:`.kernels_cpu.expert_windows_conv`), else ``F.conv2d``."""
+    if torch.jit.is_scripting() or padding != 0 or not kernels_cpu.use_cpu_kernels(x):
+        return F.conv2d(x, weight, bias, stride, padding, groups=groups)
+    return kernels_cpu.expert_windows_conv(x, weight, bias, stride, groups)
+
+
+def eval_expert_conv(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        running_mean: Optional[torch.Tensor],
+        running_var: Optional[torch.Tensor],
+        bn_weight: Optional[torch.Tensor],
+        bn_bias: Optional[torch.Tensor],
+        eps: float,
+        stride: int,
+        padding: int,
+) -> torch.Tensor:
+    """One expert's conv (weight [o, i, k, k]) and eval-mode BatchNorm (its channels' statistics), before the ReLU.
+
+    Folding BatchNorm into the conv costs a pass over the expert's weight; normalising the output, a pass over
+    the output. Whichever is smaller is done: at 7 x 7 patches of a 512-channel stage the weight is far larger
+    than a batch's outputs (folding all experts of ``pce_resnet18_e8`` on every forward cost ~6% of its
+    inference time), on large maps the output is. Without running statistics the batch's are used, as
+    ``nn.BatchNorm2d`` does.
+    """
+    k = weight.shape[-1]
+    out_pixels = ((x.shape[2] + 2 * padding - k) // stride + 1) * ((x.shape[3] + 2 * padding - k) // stride + 1)
+    fold = x.shape[0] * out_pixels * weight.shape[0] > weight.numel()
+    if fold and running_mean is not None and running_var is not None:  # (inline: TorchScript refines Optionals)
+        scale = torch.rsqrt(running_var + eps)
+        if bn_weight is not None:
+            scale = scale * bn_weight
+        shift = -running_mean * scale
+        if bn_bias is not None:
+            shift = shift + bn_bias
+        folded = weight * scale.to(weight.dtype).view(-1, 1, 1, 1)
+        return expert_conv(x, folded, shift.to(weight.dtype), stride, padding, 1)
+    y = expert_conv(x, weight, None, stride, padding, 1)
+    use_batch_stats = running_mean is None and running_var is None
+    return F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, 0.0, eps)
+
+
+@torch.library.custom_op('pce_timm::sorted_experts', mutates_args=())
+def sorted_experts(
+        windows: torch.Tensor,
+        expert_of_window: torch.Tensor,
+        weight: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        bn_weight: Optional[torch.Tensor],
+        bn_bias: Optional[torch.Tensor],
+        eps: float,
+        stride: int,
+) -> torch.Tensor:
+    """Eval Conv-BN-ReLU of every expert on its run of sorted halo windows: [a, i, wh, ww] -> rows [a, ph, pw, o].
+
+    :meth:`ConvExperts.forward_sorted` (the same arithmetic) with the run lengths counted from
+    ``expert_of_window`` [a] (sorted) inside the op, and the result as contiguous output pixel rows: its
+    output shape and layout are static, so a ``torch.compile`` graph (fullgraph) holds the exact eval path as
+    one call where the graph itself could not size the runs. Weight [e, o, i, k, k]; BatchNorm statistics and
+    affine parameters [e * o].
+    """
+    e, o, k = weight.shape[0], weight.shape[1], weight.shape[-1]
+    a, ph, pw = windows.shape[0], (windows.shape[2] - k) // stride + 1, (windows.shape[3] - k) // stride + 1
+    rows = windows.new_empty(a, ph, pw, o)
+    counts = torch.bincount(expert_of_window, minlength=e).tolist()
+    start = 0
+    for j, count in enumerate(counts):
+        if count > 0:
+            channels = slice(j * o, (j + 1) * o)
+            y = eval_expert_conv(
+                windows[start:start + count], weight[j], running_mean[channels], running_var[channels],
+                None if bn_weight is None else bn_weight[channels], None if bn_bias is None else bn_bias[channels],
+                eps, stride, 0)
+            rows[start:start + count].copy_(y.permute(0, 2, 3, 1))
+        start += count
+    return rows.relu_()
+
+
+@sorted_experts.register_fake
+def _sorted_experts_fake(windows, expert_of_window, weight, running_mean, running_var, bn_weight, bn_bias, eps,
+                         stride):
+    k = weight.shape[-1]
+    return windows.new_empty(windows.shape[0], (windows.shape[2] - k) // stride + 1,
+                             (windows.shape[3] - k) // stride + 1, weight.shape[1])
+
+
 class ConvExperts(nn.Module):
 
     def __init__(
@@ -133,34 +223,36 @@ class ConvExperts(nn.Module):
         return F.relu(torch.cat(outs), inplace=True)
 
     def _eval_expert(self, x: torch.Tensor, expert: int, padding: int) -> torch.Tensor:
-        """Expert ``expert``'s conv and eval-mode BatchNorm (running statistics), before the ReLU.
-
-        Folding BatchNorm into the conv costs a pass over the expert's weight [o, i, k, k]; normalising the
-        output, a pass over the output. Whichever is smaller is done: at 7 x 7 patches of a 512-channel stage
-        the weight is far larger than a batch's outputs (folding all experts of ``pce_resnet18_e8`` on every
-        forward cost ~6% of its inference time), on large maps the output is.
-        """
-        k, s = self.kernel_size, self.stride
-        out_pixels = ((x.shape[2] + 2 * padding - k) // s + 1) * ((x.shape[3] + 2 * padding - k) // s + 1)
-        weight = self.weight[expert]
-        if x.shape[0] * out_pixels * self.out_chs > weight.numel():
-            scale, shift = self._eval_scale_shift(expert)
-            return self._conv(x, weight * scale.to(weight.dtype).view(-1, 1, 1, 1), shift.to(weight.dtype), padding, 1)
-        return self._expert_batch_norm(self._conv(x, weight, None, padding, 1), expert, 0.0)
-
-    def _eval_scale_shift(self, expert: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Eval BatchNorm of expert ``expert``'s channels as ``y * scale + shift`` (each [o])."""
+        """Expert ``expert``'s conv and eval-mode BatchNorm (running statistics), before the ReLU: see
+        :func:`eval_expert_conv`."""
         bn, o = self.bn, self.out_chs
         channels = slice(expert * o, (expert + 1) * o)
-        running_mean, running_var = bn.running_mean, bn.running_var
-        assert running_mean is not None and running_var is not None
-        scale = torch.rsqrt(running_var[channels] + self.bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight[channels]
-        shift = -running_mean[channels] * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias[channels]
-        return scale, shift
+        running_mean, running_var = bn.running_mean, bn.running_var  # None without track_running_stats
+        if running_mean is not None:
+            running_mean = running_mean[channels]
+        if running_var is not None:
+            running_var = running_var[channels]
+        weight = bn.weight[channels] if bn.weight is not None else None
+        bias = bn.bias[channels] if bn.bias is not None else None
+        return eval_expert_conv(x, self.weight[expert], running_mean, running_var, weight, bias, self.bn.eps,
+                                self.stride, padding)
+
+    @torch.jit.export  # called by SortedDispatch only under torch.compile; TorchScript runs forward_sorted
+    @torch.jit.unused
+    def forward_sorted_op(self, windows: torch.Tensor, expert_of_window: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_sorted` as one opaque op (``torch.ops.pce_timm.sorted_experts``), for traced graphs:
+        [a, i, wh, ww] -> output pixel rows [a, ph, pw, o].
+
+        ``expert_of_window`` [a] is the expert of every window, in order (sorted, so each expert's windows form
+        one run); the run lengths are read from it inside the op, so a ``torch.compile`` graph holds the exact,
+        data-dependent eval with static shapes around it. Eval without gradients only (the op has no backward).
+        """
+        bn = self.bn
+        if self.training or bn.running_mean is None or bn.running_var is None:
+            raise RuntimeError('forward_sorted_op needs eval mode and BatchNorm running statistics')
+        return torch.ops.pce_timm.sorted_experts(
+            windows, expert_of_window, self.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
+            self.stride)
 
     def _conv_bn_relu(self, x: torch.Tensor, padding: int, groups: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """The experts' conv (``groups`` = 1: all experts on x; e: expert j on channel group j), BN, ReLU."""
@@ -175,11 +267,8 @@ class ConvExperts(nn.Module):
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int,
               groups: int) -> torch.Tensor:
-        """The experts' conv (``groups`` experts side by side): on halo windows (no padding) on CPU in its
-        fastest form for the sizes (:func:`.kernels_cpu.expert_windows_conv`), else ``F.conv2d``."""
-        if torch.jit.is_scripting() or padding != 0 or not kernels_cpu.use_cpu_kernels(x):
-            return F.conv2d(x, weight, bias, self.stride, padding, groups=groups)
-        return kernels_cpu.expert_windows_conv(x, weight, bias, self.stride, groups)
+        """The experts' conv (``groups`` experts side by side): see :func:`expert_conv`."""
+        return expert_conv(x, weight, bias, self.stride, padding, groups)
 
     def _batch_norm_step(self) -> float:
         """What ``nn.BatchNorm2d.forward`` does before normalising: count the batch while training and return

@@ -410,8 +410,10 @@ class PCEConv2d(nn.Module):
         Returns output pixel rows [b, ho, wo, o].
         """
         exact = not self.training and self.eval_capacity_factor is None
-        if exact and not is_tracing() and not x.is_meta:  # meta tensors hold no routing to size by
-            return self.sorted_dispatch(x, routing, self.experts, patch)
+        if exact and not x.is_meta:  # meta tensors hold no routing to size by
+            # in a torch.compile graph the experts' runs are one custom op (see _compiled_sorted_eval)
+            if not is_tracing() or self._compiled_sorted_eval():
+                return self.sorted_dispatch(x, routing, self.experts, patch)
         return self.slot_dispatch(x, routing, self.experts, self._capacity(routing.expert_indices.shape[0]), patch)
 
     def patch_size_for(self, height: int, width: int) -> Tuple[int, int]:
@@ -455,6 +457,18 @@ class PCEConv2d(nn.Module):
         counts the batch and keeps its statistics, as nn.BatchNorm2d does on an empty batch) and the mix."""
         out = self.experts.forward_dense(x)[:, :self.out_chs]
         return self.mix(out)
+
+    @torch.jit.unused
+    def _compiled_sorted_eval(self) -> bool:
+        """Whether a ``torch.compile`` graph (not ``torch.export``) of exact eval runs the sorted discipline.
+
+        It does without gradients and with BatchNorm running statistics: the experts' data-dependent runs are
+        then one custom op (no backward), so the graph costs what eager eval does. Exported graphs (and eval
+        with gradients) keep the static slots, a slot for every token at every expert.
+        """
+        bn = self.experts.bn
+        return (not is_exporting() and not torch.is_grad_enabled() and bn.running_mean is not None
+                and bn.running_var is not None)
 
     def _capacity(self, num_tokens: int) -> int:
         """Slots per expert of the slot discipline.
