@@ -32,6 +32,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from pce_timm.analysis.surgery import (
+    SurgeryError,
+    check_surgery,
     collect_usage,
     evaluate_surgery,
     format_surgery_table,
@@ -123,8 +125,9 @@ def main(argv=None) -> None:
     info = dataset_info(args.dataset)
     model = load_model(args.model).to(args.device).eval()
     if model.num_classes != info['num_classes']:
-        raise ValueError(f'--model {args.model} predicts {model.num_classes} classes but --dataset '
-                         f'{info["name"]} has {info["num_classes"]}')
+        raise SurgeryError(f'--model {args.model} predicts {model.num_classes} classes but --dataset '
+                           f'{info["name"]} has {info["num_classes"]}; pass the dataset the model was trained on')
+    check_surgery(model, keep=args.keep, reinforce=args.reinforce)  # before any image is read
     eval_loader = _loader(args, model, args.split)  # a missing split fails here, before any work
     changed = copy.deepcopy(model)  # the original stays as loaded, for the 'before' column
     operate(changed, args, _usage(args, model))
@@ -135,4 +138,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, extra_errors=(((SurgeryError,), 2),)))

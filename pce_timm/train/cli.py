@@ -10,13 +10,14 @@ from pce_timm.hub.release import ReleaseError
 from pce_timm.runtime import keep_freed_memory_if_enabled
 
 from .checkpoint import NonFiniteLossError
+from .models import ModelSourceError
 from .recipe import RecipeError
 
 __all__ = ['USER_ERRORS', 'run_cli']
 
 # (exception types, exit code): the user's mistakes and missing inputs, printed as one ``error: ...`` line.
 USER_ERRORS: Tuple[Tuple[Tuple[Type[BaseException], ...], int], ...] = (
-    ((RecipeError, ReleaseError), 2),  # bad recipe / arguments, unreadable weight files
+    ((RecipeError, ReleaseError, ModelSourceError), 2),  # bad recipe / arguments, unreadable weight files
     ((DatasetNotFoundError, MissingWeightsError), 3),  # dataset or pretrained weights missing
     ((NonFiniteLossError,), 4),  # the loss became NaN / inf
 )
