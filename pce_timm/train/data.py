@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pce_timm.data import create_dataset_transform, create_loader, dataset_info, load_image_dataset, subset_indices
+from pce_timm.data.loader import read_rows
 from pce_timm.data.sources import stratified_split_indices
 
 from .config import AugmentConfig, DataConfig
@@ -116,7 +117,7 @@ class SeededAugmentDataset(Dataset):
     def __getitems__(self, codes: List[int]) -> List[Tuple[torch.Tensor, int]]:
         n = len(self.dataset)
         pairs = [divmod(int(code), n) for code in codes]
-        rows = self.dataset[[index for _, index in pairs]]
+        rows = read_rows(self.dataset, [index for _, index in pairs])  # an unreadable image names its file
         return [(self._augment(image, epoch, index), int(label))
                 for (epoch, index), image, label in zip(pairs, rows['image'], rows['label'], strict=True)]
 
