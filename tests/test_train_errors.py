@@ -237,3 +237,20 @@ def test_bad_surgery_requests_are_refused_before_any_work():
             check_surgery(model, **kwargs)
     with pytest.raises(SurgeryError, match='needs a PCEResNet'):
         check_surgery(timm.create_model('resnet18'), keep=[('layer1.0.conv1', [0])])
+
+
+@pytest.mark.parametrize('script', ['train.py', 'finetune.py', 'evaluate.py', 'surgery.py'])
+def test_help_imports_no_torch(script):
+    """--help builds the same parser from pce_timm/train/flags.py alone (scripts/_fast_help.py): no torch, timm or
+    accelerate import (python -X importtime lists every module imported)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS='120')
+    done = subprocess.run([sys.executable, '-X', 'importtime', str(ROOT / 'scripts' / script), '--help'], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith('usage: '), done.stderr[-2000:]
+    imported = {line.rsplit('|', 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith('import time')}
+    assert not imported & {'torch', 'timm', 'accelerate', 'pce_timm'}, sorted(imported & {'torch', 'timm'})
+    if script in ('train.py', 'finetune.py'):  # the options are train.py's own
+        from pce_timm.train import build_parser
+
+        flags = {o for a in build_parser()._actions for o in a.option_strings}
+        assert all(flag in done.stdout for flag in flags)
