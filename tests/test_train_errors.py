@@ -239,7 +239,8 @@ def test_bad_surgery_requests_are_refused_before_any_work():
         check_surgery(timm.create_model('resnet18'), keep=[('layer1.0.conv1', [0])])
 
 
-@pytest.mark.parametrize('script', ['train.py', 'finetune.py', 'evaluate.py', 'surgery.py'])
+@pytest.mark.parametrize('script', ['train.py', 'finetune.py', 'evaluate.py', 'surgery.py', 'analyze_routing.py',
+                                    'sweep.py', 'evaluate_dense.py'])
 def test_help_imports_no_torch(script):
     """--help builds the same parser from pce_timm/train/flags.py alone (scripts/_fast_help.py): no torch, timm or
     accelerate import (python -X importtime lists every module imported)."""
