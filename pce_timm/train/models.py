@@ -169,10 +169,12 @@ def check_model_args(model: ModelConfig, num_classes: int, in_chans: int, img_si
     except (TypeError, ValueError, AssertionError) as e:
         raise RecipeError(f'model: {model.name} cannot be built with {shown}: {_one_line(e)}. Fix or drop those '
                           f'arguments (--model-kwargs, --num-experts, --top-k, --patch-size, ...)') from None
+    except (RuntimeError, NotImplementedError):
+        return  # an op without a meta kernel in the model's __init__: the run itself will tell
     patch_set = model.patch_size is not None or 'patch_size' in (model.model_kwargs or {})
-    if not patch_set or model.pretrained:  # the model's own grid (and a release's) is the model's business
-        return
     layers = pce_layers(built)
+    if not patch_set or model.pretrained or not layers:  # the model's own grid (and a release's) is its business
+        return
     too_large: List[str] = []
     fits: List[int] = []
 
