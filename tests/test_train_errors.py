@@ -255,3 +255,28 @@ def test_help_imports_no_torch(script):
 
         flags = {o for a in build_parser()._actions for o in a.option_strings}
         assert all(flag in done.stdout for flag in flags)
+
+
+def test_an_error_from_a_loader_worker_is_one_line(tmp_path, capsys):
+    """torch re-raises a worker's exception with the worker's traceback in its message; run_cli prints the message."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from pce_timm.data import ImageClassificationDataset, load_image_dataset
+    from pce_timm.train.cli import run_cli
+
+    for split in ('train', 'test'):
+        for label in range(10):
+            (tmp_path / split / str(label)).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / split / str(label) / 'a.png')
+    (tmp_path / 'train' / '0' / 'a.png').write_bytes(b'not an image')
+    dataset = ImageClassificationDataset(load_image_dataset('mnist', 'train', str(tmp_path)))
+    loader = DataLoader(dataset, batch_size=10, num_workers=1)
+    capsys.readouterr()  # datasets' progress lines
+    assert run_cli(lambda: next(iter(loader))) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    path = tmp_path / 'train' / '0' / 'a.png'
+    assert err == [f'error: cannot read image file {path}: UnidentifiedImageError: cannot identify image file '
+                   f"'{path}'. It is truncated, corrupt or not an image: replace it with a readable copy or "
+                   'remove it from the dataset, then run again.'], err

@@ -37,7 +37,17 @@ def run_cli(main: Callable[[], Any], extra_errors: Sequence[Tuple[Tuple[Type[Bas
     except Exception as e:
         for types, code in (*extra_errors, *USER_ERRORS):
             if isinstance(e, types):
-                print(f'error: {e}', file=sys.stderr)
+                print(f'error: {_message(e)}', file=sys.stderr)
                 return code
         raise
     return 0
+
+
+def _message(error: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (whose message torch prefixes with the
+    worker's traceback), only the original message."""
+    text = str(error)
+    if text.startswith('Caught ') and '\nOriginal Traceback' in text:
+        last = text.rstrip().splitlines()[-1]  # '<module>.<Type>: <message>'
+        text = last.split(': ', 1)[1] if ': ' in last else last
+    return text
