@@ -14,14 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-
-from pce_timm.analysis.analyze import analyze_model
-from pce_timm.data import create_dataset_transform, create_loader, dataset_info, load_image_dataset
-from pce_timm.train.cli import run_cli
-from pce_timm.train.models import load_model
-from pce_timm.train.trainer import RESULTS_FILE
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--sample-images', type=int, default=6, help='images in the assignment-map figures')
     parser.add_argument('--num-clusters', type=int, default=None, help='route clusters (default: num classes)')
     parser.add_argument('--seed', type=int, default=0, help='which images are picked (seeded subset)')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default=None)  # None: cuda when available, else cpu
     parser.add_argument('--no-progress', action='store_true')
     args = parser.parse_args(argv)
     for name in ('num_images', 'batch_size', 'sample_images', 'num_clusters'):
@@ -51,6 +43,8 @@ def routing_history(model_source: str) -> Optional[List[Dict[str, Any]]]:
     Found for a run folder (``<run>/results.json``), its exported model folder (``<run>/model``, as named by
     results.json's ``model_dir``) and its checkpoint folders (``<run>/checkpoints/<name>``).
     """
+    from pce_timm.train.trainer import RESULTS_FILE
+
     path = Path(model_source.removeprefix('local-dir:'))
     if not path.is_dir():
         return None
@@ -67,9 +61,15 @@ def routing_history(model_source: str) -> Optional[List[Dict[str, Any]]]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    import torch
+
+    from pce_timm.analysis.analyze import analyze_model
+    from pce_timm.data import create_dataset_transform, create_loader, dataset_info, load_image_dataset
+    from pce_timm.train.models import load_model
+
     info = dataset_info(args.dataset)
     dataset = load_image_dataset(args.dataset, args.split, args.data_dir)  # fails early, saying where it looked
-    model = load_model(args.model).to(args.device)
+    model = load_model(args.model).to(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if model.num_classes != info['num_classes']:
         raise ValueError(f'--model {args.model} predicts {model.num_classes} classes but --dataset '
                          f'{info["name"]} has {info["num_classes"]}')
@@ -84,4 +84,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
+    parse_args()  # --help and bad flags answer here, before torch is imported
+    from pce_timm.train.cli import run_cli
+
     sys.exit(run_cli(main))

@@ -11,12 +11,9 @@ pretrained weights. Writes JSON (default: <run>/eval-<dataset>-<split>.json) and
 import argparse
 import sys
 
-from pce_timm.train.cli import run_cli
-from pce_timm.train.evaluation import default_output, evaluate_model, results_table, save_results
-from pce_timm.train.recipe import MIXED_PRECISION
 
-
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser(mixed_precision) -> argparse.ArgumentParser:
+    """The flags (``mixed_precision``: the accepted values, :data:`pce_timm.train.flags.MIXED_PRECISION`)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--model', required=True, help='run / model / checkpoint folder, local-dir:, hf-hub:, name')
@@ -26,14 +23,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--batch-size', type=int, default=256)
     parser.add_argument('--max-samples', type=int, default=None)
     parser.add_argument('--workers', type=int, default=0)
-    parser.add_argument('--mixed-precision', default='no', choices=MIXED_PRECISION)
+    parser.add_argument('--mixed-precision', default='no', choices=mixed_precision)
     parser.add_argument('--output', default=None, help='JSON file to write')
     parser.add_argument('--no-progress', action='store_true')
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from pce_timm.train.flags import MIXED_PRECISION
+
+    return build_parser(MIXED_PRECISION).parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from pce_timm.train.cli import run_cli
+    from pce_timm.train.evaluation import default_output, evaluate_model, results_table, save_results
 
     def run():
         results = evaluate_model(args.model, args.dataset, args.split, args.data_dir, args.batch_size,
@@ -47,4 +52,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+    from _fast_help import flags_module, wants_help
+
+    if wants_help():  # print the flags without importing torch (scripts/_fast_help.py)
+        build_parser(flags_module().MIXED_PRECISION).parse_args()
     sys.exit(main())

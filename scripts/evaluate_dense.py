@@ -9,10 +9,6 @@ import argparse
 import json
 import sys
 
-from pce_timm.data.dense import DenseDataError
-from pce_timm.tasks.loop import evaluate_dense_run
-from pce_timm.train.cli import run_cli
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,7 +19,10 @@ def main(argv=None) -> int:
     parser.add_argument('--max-samples', type=int, default=None)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help answers here, before torch is imported
+    from pce_timm.data.dense import DenseDataError
+    from pce_timm.tasks.loop import evaluate_dense_run
+    from pce_timm.train.cli import run_cli
 
     def run():
         result = evaluate_dense_run(args.run_dir, args.split, args.data_dir, args.batch_size, args.max_samples,

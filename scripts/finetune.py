@@ -15,19 +15,25 @@ init (the keys are trained), run folder runs/finetune-<source>-<dataset>. Every 
 import sys
 from pathlib import Path
 
-from pce_timm.train.cli import run_cli
-from pce_timm.train.config import build_parser, parse_args
-from pce_timm.train.models import resolve_model_source, source_name
-from pce_timm.train.trainer import train
-
 FINETUNE_DEFAULTS = dict(lr=1e-4, epochs=3, key_init='none', warmup_epochs=0)
 
 
+def finetune_parser(build_parser):
+    """train.py's parser (from ``build_parser``) with this script's description and defaults."""
+    parser = build_parser()
+    parser.description = __doc__.split('\n')[1]
+    parser.set_defaults(**FINETUNE_DEFAULTS)
+    return parser
+
+
 def main(argv=None) -> int:
+    from pce_timm.train.cli import run_cli
+    from pce_timm.train.config import build_parser, parse_args
+    from pce_timm.train.models import resolve_model_source, source_name
+    from pce_timm.train.trainer import train
+
     def run():
-        parser = build_parser()
-        parser.description = __doc__.split('\n')[1]
-        parser.set_defaults(**FINETUNE_DEFAULTS)
+        parser = finetune_parser(build_parser)
         pre, _ = parser.parse_known_args(argv)
         if pre.model and not pre.output_dir and not pre.resume and pre.dataset:
             parser.set_defaults(output_dir=str(Path('runs') / f'finetune-{source_name(pre.model)}-{pre.dataset}'))
@@ -41,4 +47,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+    from _fast_help import flags_module, wants_help
+
+    if wants_help():  # print the flags without importing torch (scripts/_fast_help.py)
+        finetune_parser(flags_module().build_parser).parse_args()
     sys.exit(main())

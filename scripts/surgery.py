@@ -23,26 +23,16 @@ The new model folder (config.json + model.safetensors, loadable with timm.create
 pretrained=True)) is written to a temporary folder and renamed into place; an existing folder is only
 replaced with --overwrite. See pce_timm.analysis.surgery for what each operation keeps exact.
 """
+from __future__ import annotations  # torch only in the hints: --help imports no torch
+
 import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
-import torch
-
-from pce_timm.analysis.surgery import (
-    collect_usage,
-    evaluate_surgery,
-    format_surgery_table,
-    prune_experts,
-    reinforce_experts,
-    usage_from_stats,
-)
-from pce_timm.data import create_dataset_transform, create_loader, dataset_info, load_image_dataset
-from pce_timm.train.checkpoint import save_model_dir
-from pce_timm.train.cli import run_cli
-from pce_timm.train.models import load_model
+if TYPE_CHECKING:
+    import torch
 
 
 def keep_spec(text: str) -> Tuple[str, List[int]]:
@@ -77,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0, help='image subsets and the noise')
     parser.add_argument('--num-images', type=int, default=1000, help='images for usage and for accuracy')
     parser.add_argument('--batch-size', type=int, default=128)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default=None)  # None: cuda when available, else cpu
     args = parser.parse_args(argv)
     if args.prune_below is None and args.keep is None and args.reinforce is None:
         parser.error('nothing to do: pass --prune-below, --keep and/or --reinforce')
@@ -96,12 +86,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _loader(args: argparse.Namespace, model: torch.nn.Module, split: str):
+    from pce_timm.data import create_dataset_transform, create_loader, load_image_dataset
+
     dataset = load_image_dataset(args.dataset, split, args.data_dir)
     return create_loader(dataset, create_dataset_transform(model, is_training=False), batch_size=args.batch_size,
                          max_samples=args.num_images, seed=args.seed)
 
 
 def _usage(args: argparse.Namespace, model: torch.nn.Module) -> Dict[str, List[int]]:
+    from pce_timm.analysis.surgery import collect_usage, usage_from_stats
+
     if args.stats:
         return usage_from_stats(args.stats)
     counts = collect_usage(model, _loader(args, model, args.usage_split), args.num_images)
@@ -110,6 +104,8 @@ def _usage(args: argparse.Namespace, model: torch.nn.Module) -> Dict[str, List[i
 
 def operate(model: torch.nn.Module, args: argparse.Namespace, usage: Dict[str, List[int]]) -> None:
     """Prune, then reinforce ``model`` in place as ``args`` say; usage follows the pruned experts."""
+    from pce_timm.analysis.surgery import prune_experts, reinforce_experts
+
     if args.keep is not None or args.prune_below is not None:
         kept = (prune_experts(model, keep=dict(args.keep)) if args.keep is not None else
                 prune_experts(model, min_usage=args.prune_below, usage=usage))
@@ -120,11 +116,20 @@ def operate(model: torch.nn.Module, args: argparse.Namespace, usage: Dict[str, L
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    import torch
+
+    from pce_timm.analysis.surgery import SurgeryError, check_surgery, evaluate_surgery, format_surgery_table
+    from pce_timm.data import dataset_info
+    from pce_timm.train.checkpoint import save_model_dir
+    from pce_timm.train.models import load_model
+
     info = dataset_info(args.dataset)
-    model = load_model(args.model).to(args.device).eval()
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    model = load_model(args.model).to(device).eval()
     if model.num_classes != info['num_classes']:
-        raise ValueError(f'--model {args.model} predicts {model.num_classes} classes but --dataset '
-                         f'{info["name"]} has {info["num_classes"]}')
+        raise SurgeryError(f'--model {args.model} predicts {model.num_classes} classes but --dataset '
+                           f'{info["name"]} has {info["num_classes"]}; pass the dataset the model was trained on')
+    check_surgery(model, keep=args.keep, reinforce=args.reinforce)  # before any image is read
     eval_loader = _loader(args, model, args.split)  # a missing split fails here, before any work
     changed = copy.deepcopy(model)  # the original stays as loaded, for the 'before' column
     operate(changed, args, _usage(args, model))
@@ -135,4 +140,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main))
+    parse_args()  # --help and bad flags answer here, before torch is imported
+    from pce_timm.analysis.surgery import SurgeryError
+    from pce_timm.train.cli import run_cli
+
+    sys.exit(run_cli(main, extra_errors=(((SurgeryError,), 2),)))

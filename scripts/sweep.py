@@ -11,9 +11,6 @@ Exit codes: 0 done, 2 bad config, 5 a run failed (its log is named).
 import argparse
 import sys
 
-from pce_timm.sweep import SweepConfigError, SweepError, format_summary, load_sweep_config, run_sweep, summarize
-from pce_timm.train.cli import run_cli
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[1],
@@ -22,7 +19,9 @@ def main(argv=None) -> int:
     parser.add_argument('--output-dir', required=True, help='where the runs and the summary go')
     parser.add_argument('--summary-only', action='store_true', help='only rebuild the summary from finished runs')
     parser.add_argument('--no-progress', action='store_true')
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help answers here, before torch is imported
+    from pce_timm.sweep import SweepConfigError, SweepError, format_summary, load_sweep_config, run_sweep, summarize
+    from pce_timm.train.cli import run_cli
 
     def run():
         cfg = load_sweep_config(args.config)

@@ -13,14 +13,18 @@ Recipe keys are the argument names with underscores (``batch_size``) plus ``phas
 """
 import sys
 
-from pce_timm.train.cli import run_cli
-from pce_timm.train.config import parse_args
-from pce_timm.train.trainer import train
-
 
 def main(argv=None) -> int:
+    from pce_timm.train.cli import run_cli
+    from pce_timm.train.config import parse_args
+    from pce_timm.train.trainer import train
+
     return run_cli(lambda: train(parse_args(argv)))
 
 
 if __name__ == '__main__':
+    from _fast_help import flags_module, wants_help
+
+    if wants_help():  # print the flags without importing torch (scripts/_fast_help.py)
+        flags_module().build_parser().parse_args()
     sys.exit(main())

@@ -43,7 +43,7 @@ Usage counts (``usage``) are per layer the top-1 choices of each expert, as in `
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -55,12 +55,56 @@ from ..models._timm_compat import get_model_args, record_model_args
 from ..models.pce_resnet import PCEResNet
 
 __all__ = [
-    'prune_experts', 'reinforce_experts', 'collect_usage', 'usage_from_stats', 'expert_counts', 'evaluate_top1',
-    'evaluate_surgery', 'format_surgery_table',
+    'SurgeryError', 'check_surgery', 'prune_experts', 'reinforce_experts', 'collect_usage', 'usage_from_stats',
+    'expert_counts', 'evaluate_top1', 'evaluate_surgery', 'format_surgery_table',
 ]
 
 Counts = Union[torch.Tensor, Sequence[int]]
 ExpertMap = Dict[str, List[int]]
+
+
+class SurgeryError(ValueError):
+    """A surgery request that does not fit the model: not a PCE-ResNet, unknown layers, bad expert ids."""
+
+
+def check_surgery(model: nn.Module, keep: Optional[Iterable[Tuple[str, Sequence[int]]]] = None,
+                  reinforce: Optional[Union[str, Sequence[str]]] = None) -> None:
+    """Check a surgery request against ``model`` before any work is done (``scripts/surgery.py`` calls it
+    right after loading), with what the command line accepts in the message.
+
+    Args:
+        keep: ``(layer, expert ids)`` pairs (``--keep LAYER=ID,ID``; a layer named twice is refused).
+        reinforce: layer names (``--reinforce``), or ``'all'`` / an empty list for every PCE layer.
+
+    Raises:
+        SurgeryError: not a PCE-ResNet, layer names it does not have (listing those it has), or expert ids
+            :func:`prune_experts` would refuse.
+    """
+    try:
+        layers = _check_model(model)
+    except TypeError as e:
+        raise SurgeryError(f'{e}; pass the run or model folder of a pce_resnet* model') from None
+    accepted = f'the PCE layers of this model are {", ".join(layers)}'
+    pairs = list(keep or [])
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SurgeryError(f'--keep names {", ".join(repeated)} more than once; name each layer once, with every '
+                           f'expert it keeps (LAYER=ID,ID,...)')
+    unknown = sorted(set(names) - set(layers))
+    if unknown:
+        raise SurgeryError(f'--keep names unknown PCE layers {", ".join(unknown)}; {accepted}')
+    for name, ids in pairs:
+        try:
+            _check_keep(name, ids, layers[name])
+        except (TypeError, ValueError) as e:
+            raise SurgeryError(f'--keep {name}={",".join(map(str, ids))}: {e} (its experts are 0..'
+                               f'{layers[name].num_experts - 1})') from None
+    if reinforce and reinforce != 'all':
+        unknown = sorted(set(reinforce) - set(layers))
+        if unknown:
+            raise SurgeryError(f'--reinforce names unknown PCE layers {", ".join(unknown)}; {accepted} (no names: '
+                               f'every PCE layer)')
 
 
 def _check_model(model: nn.Module) -> Dict[str, PCEConv2d]:

@@ -13,7 +13,7 @@ from .augment import BlackPatches, ChannelBoost
 from .camelyon import CAMELYON_CLASSES, TileSegmentation, load_pcam
 from .dense import dense_dataset, detection_collate
 from .load import hub_reachable, is_offline, load_image_dataset
-from .loader import ImageClassificationDataset, create_loader, subset_indices
+from .loader import ImageClassificationDataset, ImageReadError, create_loader, read_rows, subset_indices
 from .registry import DatasetNotFoundError, DatasetSpec, dataset_info, get_dataset_spec, list_datasets
 from .sources import arrays_to_dataset, read_idx, stratified_split_indices
 from .transforms import ConvertImageMode, create_dataset_transform, resolve_in_chans
@@ -23,7 +23,8 @@ __all__ = [
     'CAMELYON_CLASSES', 'IGNORE_INDEX', 'VOC_CLASSES', 'DenseDataError', 'TileSegmentation', 'VOCDetection',
     'VOCSegmentation', 'dense_dataset', 'detection_collate', 'find_voc_root', 'load_pcam',
     'BlackPatches', 'ChannelBoost', 'ConvertImageMode', 'DatasetNotFoundError', 'DatasetSpec',
-    'ImageClassificationDataset', 'arrays_to_dataset', 'create_dataset_transform', 'create_loader', 'dataset_info',
+    'ImageClassificationDataset', 'ImageReadError', 'arrays_to_dataset', 'create_dataset_transform', 'create_loader',
+    'dataset_info',
     'get_dataset_spec', 'hub_reachable', 'is_offline', 'list_datasets', 'load_image_dataset', 'read_idx',
-    'resolve_in_chans', 'stratified_split_indices', 'subset_indices',
+    'read_rows', 'resolve_in_chans', 'stratified_split_indices', 'subset_indices',
 ]

@@ -4,9 +4,52 @@ from typing import Any
 
 import datasets
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ['ImageClassificationDataset', 'create_loader', 'subset_indices']
+from .registry import DatasetNotFoundError
+
+__all__ = ['ImageReadError', 'ImageClassificationDataset', 'create_loader', 'read_rows', 'subset_indices']
+
+# what PIL raises for a file that is not a whole image: UnidentifiedImageError and 'image file is truncated' are
+# OSErrors, some broken headers SyntaxError / ValueError
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageReadError(DatasetNotFoundError):
+    """An image of a dataset cannot be decoded (truncated, corrupt, not an image); the message names the file."""
+
+
+def read_rows(dataset: datasets.Dataset, indices: list[int]) -> dict[str, list[Any]]:
+    """``dataset[indices]`` (columns of those rows, images decoded to PIL).
+
+    Raises:
+        ImageReadError: an image cannot be decoded, naming its file (or row, for images stored in the table)
+            and what to do.
+    """
+    try:
+        return dataset[indices]
+    except _DECODE_ERRORS as e:
+        raise _image_error(dataset, indices, e) from None
+
+
+def _image_error(dataset: datasets.Dataset, indices: list[int], error: BaseException) -> BaseException:
+    """The ImageReadError for the first of ``indices`` whose image does not decode, else ``error`` itself."""
+    if 'image' not in dataset.column_names or not isinstance(dataset.features.get('image'), datasets.Image):
+        return error
+    raw = dataset.cast_column('image', datasets.Image(decode=False))
+    for index in indices:
+        cell = raw[int(index)]['image']
+        try:
+            datasets.Image().decode_example(cell)
+        except _DECODE_ERRORS as e:
+            path = cell.get('path') if isinstance(cell, dict) else None
+            where = f'image file {path}' if path and cell.get('bytes') is None else (
+                f'the image of row {index} ({path or "bytes stored in the dataset"})')
+            return ImageReadError(
+                f'cannot read {where}: {type(e).__name__}: {e}. It is truncated, corrupt or not an image: replace '
+                f'it with a readable copy or remove it from the dataset, then run again.')
+    return error
 
 
 class ImageClassificationDataset(Dataset):
@@ -29,9 +72,10 @@ class ImageClassificationDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        row = self.dataset[int(index)]
-        image = row['image'] if self.transform is None else self.transform(row['image'])
-        return image, int(row['label'])
+        rows = read_rows(self.dataset, [int(index)])  # an image that does not decode: ImageReadError naming it
+        image, label = rows['image'][0], rows['label'][0]
+        image = image if self.transform is None else self.transform(image)
+        return image, int(label)
 
 
 def subset_indices(num_rows: int, max_samples: int, seed: int = 0) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .release import (
     ReleaseError,
     ReleaseSource,
     check_finite,
+    check_model_folder,
     check_safetensors,
     find_release_source,
     load_model_from_source,
@@ -34,7 +35,7 @@ from .release import (
 __all__ = [
     'CARD_NAME', 'CONFIG_NAME', 'EVAL_RESULTS_NAME', 'PCE_HUB_ORG', 'PUSH_ERRORS', 'RESULTS_NAME', 'WEIGHTS_NAME',
     'MissingWeightsError', 'PushResult', 'ReleaseError', 'ReleaseSource', 'blob_intact', 'check_finite',
-    'check_safetensors',
+    'check_model_folder', 'check_safetensors',
     'explain_missing_weights', 'file_etag', 'find_release_source', 'git_blob_sha1', 'hf_cache_dir', 'hub_id',
     'install_into_hf_cache', 'load_model_from_source', 'load_pretrained_or_explain', 'non_finite_tensors',
     'push_release',

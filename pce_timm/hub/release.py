@@ -13,6 +13,7 @@ Accepted checkpoint inputs (``find_release_source``): a training run folder (``m
 ``model/model.safetensors``, optional ``results.json``), a timm-style folder (``config.json`` +
 ``model.safetensors``), or a ``.safetensors`` file with a sibling ``config.json``.
 """
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,8 @@ from pce_timm.utils import atomic_folder
 
 __all__ = [
     'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'RESULTS_NAME', 'EVAL_RESULTS_NAME', 'ReleaseError', 'ReleaseSource',
-    'write_release', 'find_release_source', 'load_model_from_source', 'check_safetensors', 'release_files',
+    'write_release', 'find_release_source', 'check_model_folder', 'load_model_from_source', 'check_safetensors',
+    'release_files',
     'state_dict_to_safetensors', 'write_model_files', 'check_finite', 'non_finite_tensors',
 ]
 
@@ -206,6 +208,30 @@ def find_release_source(path: Union[str, os.PathLike]) -> ReleaseSource:
     raise ReleaseError(f'{path}: found no config.json in {path / "model"} or {path}. Pass {accepted}.')
 
 
+def check_model_folder(path: Union[str, os.PathLike]) -> ReleaseSource:
+    """Check that a model folder (a run folder, ``<run>/model``, a release) loads, without reading its tensors.
+
+    What :func:`load_model_from_source` checks before it loads (config.json, the safetensors framing, the
+    architecture, every key and shape), on a model built on the meta device; NaN / inf values are not looked at
+    (loading warns about them, releasing refuses them).
+
+    Raises:
+        ReleaseError: naming the file and what is wrong: no config.json / weights, invalid JSON, an unknown
+            architecture, truncated or corrupt safetensors, keys or shapes that do not fit the architecture.
+    """
+    source = find_release_source(path)
+    config = _read_config(source.config_path)
+    header = check_safetensors(source.weights_path)
+    try:
+        model = _build_model(source.config_path, config, device='meta')
+    except ReleaseError as e:
+        if not isinstance(e.__cause__, (RuntimeError, NotImplementedError)):
+            raise
+        model = _build_model(source.config_path, config)  # an __init__ op without a meta kernel: build for real
+    _check_keys_and_shapes(model, header, source, config)
+    return source
+
+
 def load_model_from_source(source: ReleaseSource) -> torch.nn.Module:
     """Build the model described by ``source.config_path`` and load ``source.weights_path`` strictly.
 
@@ -332,7 +358,7 @@ def _check_keys_and_shapes(
             f'num_classes / model_args in {source.config_path.name}.')
 
 
-def _build_model(config_path: Path, config: Dict[str, Any]) -> torch.nn.Module:
+def _build_model(config_path: Path, config: Dict[str, Any], device: Optional[str] = None) -> torch.nn.Module:
     """Build the architecture exactly as ``timm.create_model('local-dir:...')`` would, without weights."""
     arch = config['architecture']
     if not timm.is_model(arch):
@@ -340,7 +366,8 @@ def _build_model(config_path: Path, config: Dict[str, Any]) -> torch.nn.Module:
             f'{config_path}: architecture {arch!r} is not a registered timm model. Import the package that '
             f'registers it (pce_* models: `import pce_timm`) or fix "architecture".')
     try:
-        return timm.create_model(f'local-dir:{config_path.parent}', pretrained=False)
+        with contextlib.nullcontext() if device is None else torch.device(device):  # meta: no memory, any timm model
+            return timm.create_model(f'local-dir:{config_path.parent}', pretrained=False)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ReleaseError(
             f'{config_path}: cannot build {arch!r} from model_args {config.get("model_args", {})}: {e}') from e

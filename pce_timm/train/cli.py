@@ -10,13 +10,14 @@ from pce_timm.hub.release import ReleaseError
 from pce_timm.runtime import keep_freed_memory_if_enabled
 
 from .checkpoint import NonFiniteLossError, RunFolderError
+from .models import ModelSourceError
 from .recipe import RecipeError
 
 __all__ = ['USER_ERRORS', 'run_cli']
 
 # (exception types, exit code): the user's mistakes and missing inputs, printed as one ``error: ...`` line.
 USER_ERRORS: Tuple[Tuple[Tuple[Type[BaseException], ...], int], ...] = (
-    ((RecipeError, ReleaseError), 2),  # bad recipe / arguments, unreadable weight files
+    ((RecipeError, ReleaseError, ModelSourceError), 2),  # bad recipe / arguments, unreadable weight files
     ((DatasetNotFoundError, MissingWeightsError), 3),  # dataset or pretrained weights missing
     ((NonFiniteLossError,), 4),  # the loss became NaN / inf
     ((RunFolderError,), 6),  # the run folder is in use, not writable or full, or no checkpoint in it loads
@@ -37,7 +38,17 @@ def run_cli(main: Callable[[], Any], extra_errors: Sequence[Tuple[Tuple[Type[Bas
     except Exception as e:
         for types, code in (*extra_errors, *USER_ERRORS):
             if isinstance(e, types):
-                print(f'error: {e}', file=sys.stderr)
+                print(f'error: {_message(e)}', file=sys.stderr)
                 return code
         raise
     return 0
+
+
+def _message(error: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (whose message torch prefixes with the
+    worker's traceback), only the original message."""
+    text = str(error)
+    if text.startswith('Caught ') and '\nOriginal Traceback' in text:
+        last = text.rstrip().splitlines()[-1]  # '<module>.<Type>: <message>'
+        text = last.split(': ', 1)[1] if ': ' in last else last
+    return text

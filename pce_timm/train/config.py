@@ -253,10 +253,30 @@ def parse_args(
 
     ``parser`` defaults to :func:`~.recipe.build_parser` (``scripts/finetune.py`` passes one with other defaults).
 
+    The model is built once on the meta device (:func:`.models.check_model_args`), so model arguments it cannot
+    be built with, or a patch size larger than its PCE maps at the run's input size, fail here too.
+
     Raises:
         RecipeError: For any bad recipe or argument value (the CLIs print it as ``error: ...``).
     """
-    return TrainConfig.from_flat(vars(parse_namespace(argv, parser)))
+    cfg = TrainConfig.from_flat(vars(parse_namespace(argv, parser)))
+    _check_model(cfg)
+    return cfg
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    """:func:`.models.check_model_args` at the input the run will feed (classification datasets only)."""
+    from pce_timm.data import dataset_info
+
+    from .models import check_model_args
+
+    try:
+        info = dataset_info(cfg.data.dataset)
+    except ValueError:
+        return  # a detection / segmentation set: its scripts build their own models
+    size = cfg.data.img_size
+    check_model_args(cfg.model, info['num_classes'], cfg.data.in_chans or info['in_chans'],
+                     (size, size) if size else tuple(info['img_size']))
 
 
 def model_kwargs(model: ModelConfig) -> Dict[str, Any]:

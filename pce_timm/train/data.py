@@ -23,9 +23,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pce_timm.data import create_dataset_transform, create_loader, dataset_info, load_image_dataset, subset_indices
+from pce_timm.data.loader import read_rows
 from pce_timm.data.sources import stratified_split_indices
 
 from .config import AugmentConfig, DataConfig
+from .recipe import RecipeError
 
 __all__ = ['EpochSampler', 'SeededAugmentDataset', 'create_train_loader', 'DataBundle', 'data_config', 'load_data',
            'build_transforms', 'build_loaders', 'holdout_split']
@@ -115,7 +117,7 @@ class SeededAugmentDataset(Dataset):
     def __getitems__(self, codes: List[int]) -> List[Tuple[torch.Tensor, int]]:
         n = len(self.dataset)
         pairs = [divmod(int(code), n) for code in codes]
-        rows = self.dataset[[index for _, index in pairs]]
+        rows = read_rows(self.dataset, [index for _, index in pairs])  # an unreadable image names its file
         return [(self._augment(image, epoch, index), int(label))
                 for (epoch, index), image, label in zip(pairs, rows['image'], rows['label'], strict=True)]
 
@@ -222,8 +224,9 @@ def build_loaders(data: DataConfig, augment: AugmentConfig, bundle: DataBundle,
                                                isolate_numpy=bool(augment.aa))
         loaders['train_sampler'] = loaders['train'].sampler
         if len(loaders['train']) == 0:
-            raise ValueError(f'batch_size: {data.batch_size} is larger than the {len(loaders["train"].dataset)} '
-                             f'training samples; lower batch_size or raise max_train_samples')
+            raise RecipeError(f'batch_size: {data.batch_size} is larger than the {len(loaders["train"].dataset)} '
+                              f'training samples (every batch is full, so no step would run); lower --batch-size '
+                              f'or raise --max-train-samples')
         loaders['key_init'] = create_loader(
             bundle.train, eval_tf, batch_size=data.batch_size, shuffle=True, seed=seed + 1,
             max_samples=data.max_train_samples)
