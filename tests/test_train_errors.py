@@ -160,6 +160,18 @@ def test_broken_model_folders_name_the_file(model_folders, name, message):
             parse_args(BASE + ['--model', source])
 
 
+@pytest.mark.parametrize('name, message', [e for e in FOLDER_ERRORS if e[0] in ('truncated', 'shape')])
+def test_create_model_local_dir_names_the_file(model_folders, name, message):
+    """timm.create_model('local-dir:...') itself: weights that do not load say which file and why. (Invalid JSON
+    and an unknown architecture fail inside timm's own config reader, before any pce_timm code runs.)"""
+    import timm
+
+    from pce_timm.hub import ReleaseError
+
+    with pytest.raises(ReleaseError, match=message):
+        timm.create_model(f'local-dir:{model_folders / name}', pretrained=True)
+
+
 def test_good_model_folder_loads_and_a_missing_one_is_named(model_folders):
     from pce_timm.train.models import ModelSourceError, load_model
 

@@ -701,12 +701,18 @@ def _explain_weights_error(variant: str, kwargs: Dict[str, Any], error: Exceptio
     """Re-raise a failed pretrained load with a message that says what is wrong and how to fix it.
 
     Weights neither cached nor downloadable: :class:`~pce_timm.hub.MissingWeightsError` (which repo, where it
-    looked, how to get them: ``make release``). A cached file that is truncated, corrupt or does not fit the
-    architecture: :class:`~pce_timm.hub.ReleaseError` naming the file. Anything else propagates unchanged.
+    looked, how to get them: ``make release``). A cached file, or a ``local-dir:`` folder's, that is truncated,
+    corrupt or does not fit the architecture: :class:`~pce_timm.hub.ReleaseError` naming the file. Anything else
+    propagates unchanged.
     """
     from pce_timm.hub.offline import _MISSING_ERRORS, MissingWeightsError, explain_missing_weights
 
     tag = kwargs.get('pretrained_cfg')
+    if isinstance(tag, dict) and tag.get('source') == 'local-dir' and tag.get('file'):
+        from pce_timm.hub import check_model_folder
+
+        check_model_folder(tag['file'])  # a ReleaseError naming the file: truncated, corrupt, keys or shapes
+        return
     name = f'{variant}.{tag}' if isinstance(tag, str) else variant
     if isinstance(error, _MISSING_ERRORS):
         missing = MissingWeightsError(explain_missing_weights(name, kwargs.get('cache_dir'), cause=error))

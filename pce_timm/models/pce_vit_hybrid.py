@@ -26,7 +26,7 @@ from timm.models.vision_transformer_hybrid import checkpoint_filter_fn
 
 from ._pretrained import default_pretrained_tag
 from ._timm_compat import record_model_args
-from .pce_resnet import PCE_ARCH_ARGS, pce_arch_args, pce_resnet18, pce_resnet50
+from .pce_resnet import PCE_ARCH_ARGS, _explain_weights_error, pce_arch_args, pce_resnet18, pce_resnet50
 
 __all__ = ['PCEHybridEmbed', 'PCEVisionTransformer']
 
@@ -96,13 +96,18 @@ def _create_pce_vit_hybrid(
         **backbone_args,
     )
     kwargs.setdefault('patch_size', 1)
-    model = build_model_with_cfg(
-        PCEVisionTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=3, feature_cls='getter'),
-        embed_layer=partial(PCEHybridEmbed, backbone=backbone),
-        **kwargs,
-    )
+    try:
+        model = build_model_with_cfg(
+            PCEVisionTransformer, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=3, feature_cls='getter'),
+            embed_layer=partial(PCEHybridEmbed, backbone=backbone),
+            **kwargs,
+        )
+    except Exception as e:
+        if pretrained:
+            _explain_weights_error(variant, kwargs, e)
+        raise
     record_model_args(model, **backbone_args)
     return model
 
