@@ -79,5 +79,8 @@ class ExpertChoiceDispatch(SparsePlanned):
         slot_weight = weights.permute(0, 2, 1).reshape(num_slots, 1, e).to(y.dtype)  # [s, 1, e]
         patch_area = g.out_patch_h * g.out_patch_w
         row_weight = slot_weight.expand(num_slots, patch_area, e).reshape(-1, 1)
-        out = rows.new_zeros(num_pixels + 1, o).index_add(0, pixel, rows * row_weight)
+        if torch.jit.is_tracing():  # the TorchScript ONNX exporter makes index_add a scatter keeping one duplicate
+            out = rows.new_zeros(num_pixels + 1, o).scatter_add(0, pixel.view(-1, 1).expand(-1, o), rows * row_weight)
+        else:
+            out = rows.new_zeros(num_pixels + 1, o).index_add(0, pixel, rows * row_weight)
         return out[:num_pixels].view(b, g.out_h, g.out_w, o)
