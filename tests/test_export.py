@@ -256,3 +256,33 @@ def test_script_dynamic_batch(model_dir, tmp_path, capsys, fmt, suffix):
     for batch in (1, 2, 3, 5):
         assert f'| {fmt} | {batch} |' in out
     assert pce_timm.export.load_exported(output, fmt) is not None
+
+
+@pytest.mark.usefixtures('one_thread_fresh_accelerate')  # tests/conftest.py
+def test_train_channels_last_flag(tmp_path, monkeypatch):
+    """scripts/train.py --channels-last (timm train.py's flag): the model and its batches in channels-last memory."""
+    from pce_timm.train import parse_args, train, trainer
+
+    formats = []
+    real = trainer._to_channels_last
+
+    def recording(model):
+        real(model)
+        model.register_forward_pre_hook(lambda m, args: formats.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)))
+
+    monkeypatch.setattr(trainer, '_to_channels_last', recording)
+    cfg = parse_args(['--model', 'pce_resnet18', '--dataset', 'digits', '--stem-type', 'cifar', '--pce-stages', '1',
+                      '2', '--patch-size', '1', '--model-kwargs', 'channels=[8,8,16,16]', 'stem_width=8',
+                      '--epochs', '1', '--batch-size', '32', '--max-train-samples', '64', '--max-eval-samples', '32',
+                      '--no-aug', '--log-with', 'csv', '--progress', 'false', '--key-init-batches', '1',
+                      '--channels-last', '--output-dir', str(tmp_path / 'run')])
+    assert cfg.model.channels_last
+    results = train(cfg)
+    assert formats and all(formats) and 0 <= results['top1'] <= 100
+    # the saved weights load into the NCHW model as they are
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "run" / "model"}', pretrained=True).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = reloaded(x)
+        torch.testing.assert_close(reloaded.to(memory_format=torch.channels_last)(x), expected, rtol=1e-4, atol=1e-5)
