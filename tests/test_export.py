@@ -286,3 +286,18 @@ def test_train_channels_last_flag(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = reloaded(x)
         torch.testing.assert_close(reloaded.to(memory_format=torch.channels_last)(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_channels_last_cases_share_the_nchw_baseline():
+    from pce_timm.benchmark_models import baseline_of, model_cases
+
+    assert baseline_of('resnet18 (channels_last)') == 'resnet18'
+    assert baseline_of('pce_resnet18_e8 (channels_last)') == 'resnet18'
+    cases = {case.name: case for case in model_cases(['pce_resnet18', 'pce_resnet18 (channels_last)'], 32, 2)}
+    assert list(cases) == ['resnet18', 'pce_resnet18', 'pce_resnet18 (channels_last)']
+    plain, channels_last = cases['pce_resnet18'].build().eval(), cases['pce_resnet18 (channels_last)'].build().eval()
+    channels_last.model.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(channels_last(x), plain(x), rtol=1e-4, atol=1e-5)
+    assert cases['pce_resnet18 (channels_last)'].info['baseline'] == 'resnet18'
