@@ -244,6 +244,12 @@ def export_model(
         raise ExportError(f'--batch-size must be >= 1, got {batch_size}')
     if len(input_size) != 3 or any(size < 1 for size in input_size):
         raise ExportError(f'input size must be (channels, height, width) >= 1, got {tuple(input_size)}')
+    capacity_layers = [n for n, layer in pce_layers(model).items() if layer.eval_capacity_factor is not None]
+    if dynamic_batch and capacity_layers and fmt != 'torchscript':
+        raise ExportError(f'--dynamic-batch: eval_capacity_factor is set on {len(capacity_layers)} PCE layer(s) '
+                          f'({capacity_layers[0]}, ...), whose slots are sized from the batch, and a traced graph '
+                          'keeps the example\'s sizes: export with a fixed --batch-size, or leave '
+                          'eval_capacity_factor unset (exact routing at any batch size)')
     if fmt == 'onnx':
         require_extra('onnx', 'ONNX export')
     output = Path(output)

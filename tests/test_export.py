@@ -301,3 +301,14 @@ def test_benchmark_channels_last_cases_share_the_nchw_baseline():
     with torch.no_grad():
         torch.testing.assert_close(channels_last(x), plain(x), rtol=1e-4, atol=1e-5)
     assert cases['pce_resnet18 (channels_last)'].info['baseline'] == 'resnet18'
+
+
+def test_eval_capacity_factor_needs_a_fixed_batch(tmp_path):
+    """Its slots are sized from the batch: a traced dynamic-batch graph would keep the example's (wrong at others)."""
+    model = tiny_model()
+    assert pce_timm.export.set_eval_capacity_factor(model, 1.0) == 4
+    with pytest.raises(ExportError, match='eval_capacity_factor is set on 4 PCE layer'):
+        export_model(model, 'exported-program', tmp_path / 'model.pt2', (3, SIZE, SIZE), dynamic_batch=True)
+    with pytest.raises(ExportError, match='no sparse token-choice PCE layer'):
+        pce_timm.export.set_eval_capacity_factor(tiny_model(top_k='soft'), 1.0)
+    assert list(tmp_path.iterdir()) == []
