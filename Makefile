@@ -58,10 +58,10 @@ $(PY):
 	@$(call create_venv,$(VENV))
 
 $(STAMP): $(PY) pyproject.toml Makefile
-	@echo "==> installing into $(VENV): pip, $(TORCH_PINS), -e .[dev,transformers]"
+	@echo "==> installing into $(VENV): pip, $(TORCH_PINS), -e .[dev,transformers,onnx]"
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[dev,transformers]'
+	$(PY) -m pip install -q -e '.[dev,transformers,onnx]'
 	$(PY) -c 'import torch, torchvision, timm; print(f"    torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")'
 	rm -f $(VENV)/.stamp*
 	touch $@

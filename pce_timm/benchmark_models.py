@@ -6,7 +6,10 @@ Each PCE model is compared with its dense counterpart, timed in the same interle
   (expert choice)`` is that model built with ``choice='expert'`` (each expert picks its patches of every image);
 - ``pce_vit_hybrid_*`` -> the same hybrid built with ``pce_stages=()`` (its backbone all dense convs);
 - timm's CondConv mixture of experts ``efficientnet_cc_b0_4e`` -> ``efficientnet_b0``, as a reference point
-  for what another conv-MoE costs over its dense model.
+  for what another conv-MoE costs over its dense model;
+- ``NAME (channels_last)``: the model in channels-last memory (``model.to(memory_format=torch.channels_last)``,
+  each batch converted as timm's ``train.py --channels-last`` does, the conversion timed), compared with the
+  same baseline as NAME (in NCHW): ``resnet18 (channels_last)`` -> ``resnet18``.
 
 The grid section (:func:`grid_cases`) times ``pce_resnet18`` / ``pce_resnet18_e8`` built with several routing
 grids (:data:`GRID_SETTINGS`: the earlier pixel default, the default ``patch_grid`` and finer grids) next to one
@@ -47,10 +50,25 @@ GRID_SETTINGS = (
 )
 DENSE_TWIN = 'dense twin'  # a PCE model rebuilt with pce_stages=()
 EXPERT_CHOICE = 'expert choice'  # a PCE model rebuilt with choice='expert'
+CHANNELS_LAST = 'channels_last'  # any model, in channels-last memory
+
+
+class _ChannelsLast(nn.Module):
+    """A model in channels-last memory that converts its input batch too (timm train.py's --channels-last)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
 def baseline_of(name: str) -> str:
     """The dense model ``name`` is compared with (see the module docstring)."""
+    if name.endswith(f' ({CHANNELS_LAST})'):
+        plain = name.split(' ')[0]
+        return plain if not plain.startswith(('pce_', 'efficientnet_cc_b0')) else baseline_of(plain)
     if name.startswith('pce_resnet'):
         return name[len('pce_'):].split('_')[0]
     if name.startswith('pce_'):
@@ -61,6 +79,8 @@ def baseline_of(name: str) -> str:
 
 
 def _create(name: str) -> nn.Module:
+    if name.endswith(f' ({CHANNELS_LAST})'):
+        return _ChannelsLast(_create(name[:-len(f' ({CHANNELS_LAST})')]))
     if name.endswith(f' ({DENSE_TWIN})'):
         return timm.create_model(name.split(' ')[0], pce_stages=())
     if name.endswith(f' ({EXPERT_CHOICE})'):

@@ -18,6 +18,37 @@ def cell_mean(x: torch.Tensor, cell: Tuple[int, int]) -> torch.Tensor:
     return kernels_cpu.cell_mean(x, cell)
 
 
+def _is_exporting() -> bool:
+    """Inside torch.export or ``torch.jit.trace`` (the TorchScript-based ONNX exporter)."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def pooling_matrix(size: int, level: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The [level, size] matrix that averages ``size`` values into ``level`` cells as ``F.adaptive_avg_pool1d``
+    does: cell ``i`` is the mean of ``floor(i * size / level) .. ceil((i + 1) * size / level)``, which overlap
+    when ``level`` does not divide ``size``."""
+    i = torch.arange(level, device=device).view(level, 1)
+    start = torch.div(i * size, level, rounding_mode='floor')
+    end = torch.div((i + 1) * size + level - 1, level, rounding_mode='floor')
+    j = torch.arange(size, device=device).view(1, size)
+    inside = (j >= start) & (j < end)
+    return inside.to(dtype) / (end - start).to(dtype)
+
+
+def adaptive_avg_pool2d_matmul(x: torch.Tensor, level: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, level)`` as two products with :func:`pooling_matrix`: [..., h, w] -> [..., L, L].
+
+    The same cells (up to float rounding) from ops every exporter takes with any batch size: the TorchScript ONNX
+    exporter cannot export adaptive pooling whose output does not divide its input, nor any adaptive pooling on
+    a dynamic-batch input.
+    """
+    rows = pooling_matrix(x.shape[-2], level, x.device, x.dtype)
+    cols = pooling_matrix(x.shape[-1], level, x.device, x.dtype)
+    return torch.matmul(torch.matmul(rows, x), cols.t())
+
+
 class PatchEmbedSPP(nn.Module):
     """Embed every patch of a feature map into one vector: D = ``embed_chs`` x sum(level^2).
 
@@ -59,7 +90,10 @@ class PatchEmbedSPP(nn.Module):
         c = cells.shape[1]
         cells = cells.reshape(b, c, gh, cells.shape[2] // gh, gw, cells.shape[3] // gw)
         cells = cells.permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, cells.shape[3], cells.shape[5])
-        pooled = [F.adaptive_avg_pool2d(cells, level).flatten(1) for level in self.levels]
+        if _is_exporting():
+            pooled = [adaptive_avg_pool2d_matmul(cells, level).flatten(1) for level in self.levels]
+        else:
+            pooled = [F.adaptive_avg_pool2d(cells, level).flatten(1) for level in self.levels]
         return torch.cat(pooled, dim=1).reshape(b, gh * gw, self.embed_dim)
 
     def _pixels(self, x: torch.Tensor, grid: Tuple[int, int], patch_size: Tuple[int, int]) -> torch.Tensor:

@@ -152,6 +152,23 @@ class ConvExperts(nn.Module):
         self.bn = _ExpertsBatchNorm(num_experts * out_chs, eps=eps, momentum=momentum, **dd)
         self.reset_parameters()
 
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` with the 5-D weight passed to ``fn`` as its 4-D conv view [e * o, i, k, k].
+
+        ``module.to(memory_format=torch.channels_last)`` converts every 4-D and 5-D tensor, and a 5-D tensor
+        cannot take a 4-D memory format. Seen as the conv weight it is, each expert's weight becomes channels-last
+        (what oneDNN's channels-last convs read) while the parameter keeps its shape and state-dict key.
+        Every other conversion (device, dtype, ``to_empty``, ``share_memory``) is the same on either view.
+        """
+        shape = self.weight.shape
+
+        def fn_on_conv_view(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() != 5 or t.shape != shape:
+                return fn(t)
+            return fn(t.reshape(-1, *shape[2:])).view(shape)
+
+        return super()._apply(fn_on_conv_view, recurse)
+
     def reset_parameters(self) -> None:
         for expert_weight in self.weight.data:  # each expert initialised like a standalone conv
             nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))

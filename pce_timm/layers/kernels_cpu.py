@@ -33,8 +33,10 @@ _ENABLED = True
 
 @torch.jit.unused  # TorchScript always takes the reference path
 def use_cpu_kernels(x: torch.Tensor) -> bool:
-    """Whether the tuned kernels run for a tensor: on CPU, unless :func:`reference_kernels` is active."""
-    return _ENABLED and x.device.type == 'cpu'
+    """Whether the tuned kernels run for a tensor: on CPU, unless :func:`reference_kernels` is active or the graph
+    is being exported (torch.export, ``torch.jit.trace`` / ONNX), where the plain ops are what other runtimes
+    take and no choice of form by size ties the graph to the example's batch size."""
+    return _ENABLED and x.device.type == 'cpu' and not (torch.compiler.is_exporting() or torch.jit.is_tracing())
 
 
 @contextlib.contextmanager

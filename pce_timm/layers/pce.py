@@ -467,7 +467,8 @@ class PCEConv2d(nn.Module):
         with gradients) keep the static slots, a slot for every token at every expert.
         """
         bn = self.experts.bn
-        return (not is_exporting() and not torch.is_grad_enabled() and bn.running_mean is not None
+        return (torch.compiler.is_compiling() and not is_exporting() and not torch.jit.is_tracing()
+                and not torch.is_grad_enabled() and bn.running_mean is not None
                 and bn.running_var is not None)
 
     def _capacity(self, num_tokens: int) -> int:

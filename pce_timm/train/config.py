@@ -65,6 +65,7 @@ class ModelConfig:
     drop_path_rate: Optional[float]
     freeze: Optional[List[str]]
     model_kwargs: Optional[Dict[str, Any]]
+    channels_last: bool  # the model and its inputs in channels-last memory (timm train.py's --channels-last)
     key_init: str
     key_init_batches: int
 

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='keep these parts unchanged for the whole run (fine-tuning)')
     group.add_argument('--model-kwargs', type=_key_value, nargs='*', default=None, metavar='KEY=VALUE',
                        help='further timm.create_model kwargs (in a recipe: a mapping)')
+    group.add_argument('--channels-last', type=_bool, nargs='?', const=True, default=False,
+                       help='train and evaluate with the model and its inputs in channels-last memory')
 
     group = parser.add_argument_group('optimisation')
     group.add_argument('--epochs', type=int, default=10)

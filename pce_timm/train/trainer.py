@@ -258,6 +258,17 @@ class ClassificationTask(Task):
         export_model(ctx, model_dir)
 
 
+def _to_channels_last(model: nn.Module) -> None:
+    """``--channels-last``: the model's 4-D weights and every 4-D input it gets (training and eval batches)."""
+    model.to(memory_format=torch.channels_last)
+
+    def inputs_channels_last(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
+                     else a for a in args)
+
+    model.register_forward_pre_hook(inputs_channels_last)
+
+
 def _setup(cfg: TrainConfig, model_fn: Optional[ModelFn] = None, task: Optional[Task] = None) -> RunContext:
     task = task or ClassificationTask(model_fn)
     output_dir = Path(cfg.checkpoint.output_dir)
@@ -288,6 +299,8 @@ def _build(cfg: TrainConfig, task: Task, data: Any, accelerator: Accelerator, ou
     loaders = task.build_loaders(cfg, data)
     state = TrainerState()
     model.to(accelerator.device)
+    if cfg.model.channels_last:
+        _to_channels_last(model)
     if fresh and cfg.model.key_init == 'kmeans' and not starts_from_trained(cfg.model):
         fitted = fit_router_keys(model, loaders['key_init'], cfg.model.key_init_batches, cfg.seed,
                                  accelerator.device, cfg.log.progress and accelerator.is_local_main_process)

@@ -19,6 +19,7 @@ import torch
 from ..experts import ConvExperts
 from ..gather import gather_windows
 from ..patches import patch_geometry
+from .plans import remainder
 from .routing import ExpertChoice
 from .slots import SparsePlanned, output_rows, valid_outputs, window_pixels
 
@@ -74,10 +75,13 @@ class ExpertChoiceDispatch(SparsePlanned):
         # ``inverse`` names the (expert, output pixel) each expert-output row belongs to: expert * m + pixel
         _, inverse = output_rows(plan, g, slot_of_assignment, assignment_of_slot, num_slots)
         num_pixels = plan.pixel_token.shape[0]
-        pixel = torch.where(inverse < e * num_pixels, inverse % num_pixels, num_pixels)  # m: padding, dropped
+        pixel = torch.where(inverse < e * num_pixels, remainder(inverse, num_pixels), num_pixels)  # m: padding, dropped
         rows = y.permute(0, 2, 3, 1).reshape(-1, o)  # [s * ph * pw * e, o]
         slot_weight = weights.permute(0, 2, 1).reshape(num_slots, 1, e).to(y.dtype)  # [s, 1, e]
         patch_area = g.out_patch_h * g.out_patch_w
         row_weight = slot_weight.expand(num_slots, patch_area, e).reshape(-1, 1)
-        out = rows.new_zeros(num_pixels + 1, o).index_add(0, pixel, rows * row_weight)
+        if torch.jit.is_tracing():  # the TorchScript ONNX exporter makes index_add a scatter keeping one duplicate
+            out = rows.new_zeros(num_pixels + 1, o).scatter_add(0, pixel.view(-1, 1).expand(-1, o), rows * row_weight)
+        else:
+            out = rows.new_zeros(num_pixels + 1, o).index_add(0, pixel, rows * row_weight)
         return out[:num_pixels].view(b, g.out_h, g.out_w, o)

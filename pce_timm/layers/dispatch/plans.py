@@ -24,10 +24,19 @@ def is_exporting() -> bool:
 
 
 def is_tracing() -> bool:
-    """Inside torch.compile or torch.export, where sizes must not depend on tensor values."""
+    """Inside torch.compile, torch.export or ``torch.jit.trace`` (which the TorchScript-based ONNX exporter runs),
+    where sizes must not depend on tensor values."""
     if torch.jit.is_scripting():
         return False
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def remainder(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """``x % divisor`` for an integer tensor and a size that may be the batch's (a symbolic size in a dynamic-batch
+    export, which the ONNX exporter cannot turn into ``remainder.Scalar``): there it is ``x - floor(x / d) * d``."""
+    if not is_exporting():
+        return x % divisor
+    return x - torch.div(x, divisor, rounding_mode='floor') * divisor
 
 
 class SoftPlan(NamedTuple):

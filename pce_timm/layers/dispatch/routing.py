@@ -154,7 +154,7 @@ def assign_slots(
     filled = one_hot.sum(0).clamp(max=capacity)  # [e]
 
     slot_ids = torch.arange(num_slots, device=device)
-    free = (slot_ids % capacity) >= filled.repeat_interleave(capacity)
+    free = (torch.arange(capacity, device=device).view(1, capacity) >= filled.view(num_experts, 1)).view(-1)
     free_rank = torch.where(free, free.long().cumsum(0) - 1, torch.full_like(slot_ids, num_slots))
     free_slot_by_rank = torch.full((num_slots + 1,), num_slots, dtype=torch.long, device=device)
     free_slot_by_rank = free_slot_by_rank.scatter(0, free_rank, slot_ids)

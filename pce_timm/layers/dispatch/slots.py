@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..experts import ConvExperts
 from ..gather import gather_rows, gather_rows_top1, gather_windows
 from ..patches import PatchGeometry, patch_geometry
-from .plans import PlanCache, SparsePlan, sparse_plan
+from .plans import PlanCache, SparsePlan, remainder, sparse_plan
 from .routing import Routing, assign_slots
 
 
@@ -70,12 +70,12 @@ def output_rows(
     ph, pw = geometry.out_patch_h, geometry.out_patch_w
     num_pixels = plan.pixel_token.shape[0]
     pixel_slot = slot_of_assignment[:, plan.pixel_token]  # [k, m]
-    row = ((pixel_slot % capacity) * (ph * pw) + plan.pixel_offset.view(1, -1)) * e + pixel_slot // capacity
+    row = (remainder(pixel_slot, capacity) * (ph * pw) + plan.pixel_offset.view(1, -1)) * e + pixel_slot // capacity
     index = torch.where(pixel_slot < e * capacity, row, torch.zeros_like(row))
 
     assignment = assignment_of_slot.view(e, capacity).t()  # [s, e]
     filled = (assignment < k * num_tokens).unsqueeze(-1).unsqueeze(-1)
-    token = assignment % num_tokens
+    token = remainder(assignment, num_tokens)
     patch = token % n
     pixel = (token // n).unsqueeze(-1).unsqueeze(-1) * (geometry.out_h * geometry.out_w) + plan.patch_pixel[patch]
     inverse = (assignment // num_tokens).unsqueeze(-1).unsqueeze(-1) * num_pixels + pixel  # [s, e, ph, pw]
@@ -122,7 +122,8 @@ class SlotDispatch(SparsePlanned):
         plan = self._plan(g, b, x.device)
         slot_of_assignment, assignment_of_slot = assign_slots(expert_indices, e, capacity)  # [k, t], [e * s]
         token_of_slot = torch.where(  # [s, e]
-            assignment_of_slot < k * num_tokens, assignment_of_slot % num_tokens, num_tokens).view(e, capacity).t()
+            assignment_of_slot < k * num_tokens, remainder(assignment_of_slot, num_tokens), num_tokens)
+        token_of_slot = token_of_slot.view(e, capacity).t()
 
         pixels = window_pixels(x, plan, token_of_slot, num_tokens)
         windows = gather_windows(x, pixels, slot_of_assignment, g)  # [s, e * c, wh, ww]
