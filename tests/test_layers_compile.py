@@ -8,6 +8,13 @@ import pce_timm  # noqa: F401  (registers the pce_* models)
 from pce_timm.layers import PCEConv2d
 
 SORTED_OP = torch.ops.pce_timm.sorted_experts.default
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Leave no compiled PCEConv2d.forward behind: a later compile at other shapes would go dynamic."""
+    yield
+    torch._dynamo.reset()
 SORTED_OPS = (torch.ops.pce_timm.sorted_experts, SORTED_OP)  # Dynamo's graph names the packet, export's the overload
 
 
