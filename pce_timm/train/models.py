@@ -196,7 +196,10 @@ def check_model_args(model: ModelConfig, num_classes: int, in_chans: int, img_si
     except _MapsSeen:
         pass
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return  # an op without a meta kernel: the run itself will tell
+        # an op without a meta kernel (the run itself will tell), or the layer refusing the patch it was given:
+        # the hooks have seen the layers up to it
+        if not too_large:
+            return
     finally:
         for handle in handles:
             handle.remove()
