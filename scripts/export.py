@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                        'hf-hub:')
     parser.add_argument('--format', required=True, choices=FORMATS)
     parser.add_argument('--output', required=True, help='the file to write')
-    parser.add_argument('--img-size', type=int, default=None, help="height = width (default: the model's input size)")
+    parser.add_argument('--img-size', type=int, default=None, help="height = width; None: the model's input size")
     parser.add_argument('--batch-size', type=int, default=2, help='batch size of the example input')
     parser.add_argument('--dynamic-batch', action='store_true', help='export the batch dimension as dynamic')
     parser.add_argument('--onnx-exporter', default='dynamo', choices=ONNX_EXPORTERS,
