@@ -31,9 +31,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pce_timm.demo import DEFAULT_OUTPUT, DemoConfig, TrainingFailed, run_demo
-from pce_timm.train.cli import run_cli
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -41,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='Every other option (e.g. --lr, --batch-size, --model-kwargs, --max-eval-samples, --progress, '
                '--data-dir) is a scripts/train.py option and is passed to both training runs.')
-    parser.add_argument('--output-dir', type=Path, default=DEFAULT_OUTPUT,
-                        help='demo folder (default: %(default)s, relative to the current folder)')
-    parser.add_argument('--config', default=DemoConfig.recipe, metavar='YAML',
+    # None: pce_timm.demo.DemoConfig's defaults (imported after parsing, so --help imports no torch)
+    parser.add_argument('--output-dir', type=Path, default=None,
+                        help='demo folder (default: runs/demo, relative to the current folder)')
+    parser.add_argument('--config', default=None, metavar='YAML',
                         help='the recipe both models train with (default: scripts/configs/demo_fmnist.yaml)')
     parser.add_argument('--epochs', type=int, default=None, help="override the recipe's epochs")
     parser.add_argument('--max-train-samples', type=int, default=None,
@@ -57,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    demo = DemoConfig(output_dir=args.output_dir, recipe=args.config, epochs=args.epochs,
-                      max_train_samples=args.max_train_samples, num_images=args.num_images,
-                      overwrite=args.overwrite, train_extra=tuple(extra))
+    from pce_timm.demo import DemoConfig, TrainingFailed, run_demo
+    from pce_timm.train.cli import run_cli
+
+    paths = {key: value for key, value in (('output_dir', args.output_dir), ('recipe', args.config)) if value}
+    demo = DemoConfig(**paths, epochs=args.epochs, max_train_samples=args.max_train_samples,
+                      num_images=args.num_images, overwrite=args.overwrite, train_extra=tuple(extra))
     try:
         return run_cli(lambda: run_demo(demo))
     except TrainingFailed as e:  # the training process printed why

@@ -15,7 +15,10 @@ ONNX needs the onnx extra: pip install 'pce_timm[onnx]'.
 import argparse
 import sys
 
-from pce_timm.export import FORMATS, ONNX_EXPORTERS, ExportError, MissingExtraError
+# pce_timm.export's FORMATS and ONNX_EXPORTERS (tests/test_export.py checks they agree), written out so that
+# --help imports no torch
+FORMATS = ('onnx', 'exported-program', 'torchscript')
+ONNX_EXPORTERS = ('dynamo', 'torchscript')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the imports below (torch): --help is instant
+    from pce_timm.export import ExportError, MissingExtraError
     from pce_timm.train.cli import run_cli
 
     def run():

@@ -11,10 +11,6 @@ write the same bytes. Needs Fashion-MNIST's IDX files (Debian: apt-get install d
 import argparse
 import sys
 
-from pce_timm.data.compose import DEFAULT_SOURCE_DIR, ComposeConfig, write_composed_voc
-from pce_timm.data.voc import DenseDataError
-from pce_timm.train.cli import run_cli
-
 
 def _int_range(text: str) -> tuple[int, int]:
     try:
@@ -34,18 +30,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--canvas-size', type=int, default=128)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--items-per-canvas', type=_int_range, default=(1, 4), help='N or MIN-MAX')
-    parser.add_argument('--source-dir', default=DEFAULT_SOURCE_DIR, help='folder with the Fashion-MNIST IDX files')
+    parser.add_argument('--source-dir', default=None, help='folder with the Fashion-MNIST IDX files; None: the '
+                        "Debian package dataset-fashion-mnist's (/usr/share/datasets/fashion-mnist)")
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty --output-dir')
     parser.add_argument('--no-progress', action='store_true')
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the imports below (torch): --help is instant
+    from pce_timm.data.compose import DEFAULT_SOURCE_DIR, ComposeConfig, write_composed_voc
+    from pce_timm.data.voc import DenseDataError
+    from pce_timm.train.cli import run_cli
 
     def run():
         cfg = ComposeConfig(num_train=args.num_train, num_val=args.num_val, canvas_size=args.canvas_size,
-                            seed=args.seed, items_per_canvas=args.items_per_canvas, source_dir=args.source_dir)
+                            seed=args.seed, items_per_canvas=args.items_per_canvas,
+                            source_dir=args.source_dir or DEFAULT_SOURCE_DIR)
         summary = write_composed_voc(args.output_dir, cfg, overwrite=args.overwrite, progress=not args.no_progress)
         print(f'wrote {summary["root"]} ({len(summary["classes"]) - 1} classes + background, '
               f'{cfg.canvas_size}x{cfg.canvas_size} canvases, seed {cfg.seed})')

@@ -16,23 +16,21 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pce_timm.release import RELEASES, CardDataError, ReleaseCheckFailed, ReleaseConfig, ReleaseRefused, make_release
-from pce_timm.train.cli import run_cli
-
-D = ReleaseConfig()  # the defaults
-
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, train_extra = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n\n', 2)[-1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--recipe', type=Path, default=D.recipe, help='training recipe (YAML)')
-    p.add_argument('--only', nargs='+', choices=[s.key for s in RELEASES], help='release only these (default: all)')
-    p.add_argument('--runs-dir', type=Path, default=D.runs_dir, help='training runs')
-    p.add_argument('--releases-dir', type=Path, default=D.releases_dir, help='release folders')
-    p.add_argument('--cards', type=Path, default=D.cards, help='model card YAML to update and render')
-    p.add_argument('--readme', type=Path, default=D.readme, help='README whose model table is rewritten (if marked)')
+    # None: ReleaseConfig's defaults, in this checkout (imported after parsing, so --help imports no torch)
+    p.add_argument('--recipe', type=Path, help='training recipe (YAML; default: '
+                   'scripts/configs/pce_resnet18_fmnist_release.yaml)')
+    p.add_argument('--only', nargs='+', metavar='KEY', help='release only these (pce, dense; default: all)')
+    p.add_argument('--runs-dir', type=Path, help='training runs (default: runs/release)')
+    p.add_argument('--releases-dir', type=Path, help='release folders (default: releases)')
+    p.add_argument('--cards', type=Path, help='model card YAML to update and render (default: '
+                   'model_cards/pce_resnet.yaml)')
+    p.add_argument('--readme', type=Path, help='README whose model table is rewritten (if marked; default: README.md)')
     p.add_argument('--cache-dir', type=Path, help='HF hub cache to install into (default: HF_HUB_CACHE)')
     p.add_argument('--overwrite', action='store_true', help='replace existing good release folders')
     p.add_argument('--retrain', action='store_true', help='train again even if a completed run matches')
@@ -49,13 +47,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = parse_args(argv)
+    a = parse_args(argv)  # before the imports below (torch): --help is instant
+    from pce_timm.release import (
+        RELEASES,
+        CardDataError,
+        ReleaseCheckFailed,
+        ReleaseConfig,
+        ReleaseRefused,
+        make_release,
+    )
+    from pce_timm.train.cli import run_cli
+
+    keys = [spec.key for spec in RELEASES]
+    unknown = [key for key in a.only or () if key not in keys]
+    if unknown:
+        print(f'error: --only {" ".join(unknown)}: no such release; choose from {", ".join(keys)}', file=sys.stderr)
+        return 2
+    paths = {key: getattr(a, key) for key in ('recipe', 'runs_dir', 'releases_dir', 'cards', 'readme')
+             if getattr(a, key) is not None}
     if a.threads is not None:
         import torch
         torch.set_num_threads(a.threads)
     cfg = ReleaseConfig(
-        recipe=a.recipe, only=tuple(a.only) if a.only else None, runs_dir=a.runs_dir, releases_dir=a.releases_dir,
-        cards=a.cards, readme=a.readme, cache_dir=a.cache_dir, overwrite=a.overwrite, retrain=a.retrain,
+        **paths, only=tuple(a.only) if a.only else None, cache_dir=a.cache_dir, overwrite=a.overwrite,
+        retrain=a.retrain,
         install=not a.no_install, verify=not a.no_verify, progress=not a.no_progress, train_only=a.train_only,
         train_extra=tuple(a.train_extra))
     return run_cli(lambda: make_release(cfg),

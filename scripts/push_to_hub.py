@@ -25,16 +25,16 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from huggingface_hub import get_token
-
-from pce_timm import hub
-from pce_timm.release import CardDataError
-from pce_timm.release.claims import shipped_evaluations, shipped_records
-from pce_timm.release.render import card_for_checkpoint
-
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse_args(argv)
+    args = _parse_args(argv)  # before the imports below (torch): --help is instant
+    from huggingface_hub import get_token
+
+    from pce_timm import hub
+    from pce_timm.release import CardDataError
+    from pce_timm.release.claims import shipped_evaluations, shipped_records
+    from pce_timm.release.render import card_for_checkpoint
+
     try:
         token = None if args.dry_run else get_token()
         if not args.dry_run and not token:
@@ -83,6 +83,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _push(release_dir: Path, args: argparse.Namespace, token: str) -> int:
+    from pce_timm import hub
+
     try:
         result = hub.push_release(release_dir, args.repo_id, token=token, revision=args.revision,
                                   private=args.private, commit_message=args.commit_message)

@@ -14,14 +14,18 @@ The run folder holds results.json (map_50, map, per-class values, routing statis
 """
 import sys
 
-from pce_timm.data.dense import DenseDataError
-from pce_timm.tasks.loop import train_dense
-from pce_timm.train.cli import run_cli
-
 
 def main(argv=None) -> int:
+    from pce_timm.data.dense import DenseDataError
+    from pce_timm.tasks.loop import train_dense
+    from pce_timm.train.cli import run_cli
+
     return run_cli(lambda: train_dense('detection', argv), extra_errors=(((DenseDataError,), 3),))
 
 
 if __name__ == '__main__':
+    from _fast_help import flags_module, wants_help
+
+    if wants_help():  # print the flags without importing torch (scripts/_fast_help.py)
+        flags_module().build_dense_parser('detection').parse_args()
     sys.exit(main())

@@ -252,7 +252,9 @@ def test_bad_surgery_requests_are_refused_before_any_work():
 
 
 @pytest.mark.parametrize('script', ['train.py', 'finetune.py', 'evaluate.py', 'surgery.py', 'analyze_routing.py',
-                                    'sweep.py', 'evaluate_dense.py'])
+                                    'sweep.py', 'evaluate_dense.py', 'train_detection.py', 'train_segmentation.py',
+                                    'make_dense_dataset.py', 'push_to_hub.py', 'demo.py', 'make_release.py',
+                                    'export.py'])
 def test_help_imports_no_torch(script):
     """--help builds the same parser from pce_timm/train/flags.py alone (scripts/_fast_help.py): no torch, timm or
     accelerate import (python -X importtime lists every module imported)."""
@@ -267,6 +269,21 @@ def test_help_imports_no_torch(script):
 
         flags = {o for a in build_parser()._actions for o in a.option_strings}
         assert all(flag in done.stdout for flag in flags)
+    if script == 'train_detection.py':
+        assert '--arch {fasterrcnn,retinanet,fcos}' in done.stdout and '--fpn-channels' in done.stdout
+
+
+def test_light_parsers_name_what_the_library_accepts():
+    """The choices the torch-free parsers write out are the library's own."""
+    from pce_timm import export
+    from pce_timm.tasks import DETECTION_ARCHS, SEGMENTATION_ARCHS
+    from pce_timm.train import flags
+    from pce_timm.utils import load_module_from_path
+
+    script = load_module_from_path(ROOT / 'scripts' / 'export.py', 'pce_export_script')
+    assert (script.FORMATS, script.ONNX_EXPORTERS) == (export.FORMATS, export.ONNX_EXPORTERS)
+    assert flags.DETECTION_ARCHS == DETECTION_ARCHS
+    assert flags.SEGMENTATION_ARCH_NAMES == tuple(SEGMENTATION_ARCHS)
 
 
 def test_an_error_from_a_loader_worker_is_one_line(tmp_path, capsys):

@@ -18,10 +18,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
 import pce_timm  # noqa: F401  (registers the pce_* models with timm)
+from pce_timm.train.flags import DETECTION_ARCHS
 
 __all__ = ['TimmBackboneWithFPN', 'create_detector', 'DETECTION_ARCHS', 'anchor_sizes']
 
-DETECTION_ARCHS = ('fasterrcnn', 'retinanet', 'fcos')
 
 
 class TimmBackboneWithFPN(nn.Module):

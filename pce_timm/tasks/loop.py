@@ -10,7 +10,6 @@ by expert over validation canvases, with their boxes / masks) for a PCE backbone
 ``results.json`` holds ``map_50`` / ``map`` (detection) or ``miou`` (segmentation) of the final epoch on the
 eval split, ``per_class`` values, per-PCE-layer ``routing`` statistics, ``wall_time_s`` and the config.
 """
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -25,15 +24,16 @@ from pce_timm.layers import AuxLossWeights, collect_aux_loss, pce_layers
 from pce_timm.progress import progress_bar
 from pce_timm.train.checkpoint import write_json_atomic
 from pce_timm.train.config import TrainConfig, model_kwargs
+from pce_timm.train.flags import DENSE_IMG_SIZE, build_dense_parser
 from pce_timm.train.metrics import routing_records, summarize_usage
-from pce_timm.train.recipe import RecipeError, build_parser, load_recipe, parse_namespace
+from pce_timm.train.recipe import RecipeError, load_recipe, parse_namespace
 from pce_timm.train.trainer import RunContext, Task, train
 from pce_timm.utils import atomic_folder
 
 from .data import DenseData, build_dense_loaders, stacked_collate
-from .detection import DETECTION_ARCHS, create_detector
+from .detection import create_detector
 from .metrics import IGNORE_INDEX, DetectionMetric, SegmentationMetric
-from .segmentation import SEGMENTATION_ARCHS, create_segmenter
+from .segmentation import create_segmenter
 
 __all__ = ['DetectionTask', 'SegmentationTask', 'build_dense_parser', 'parse_dense_args', 'train_dense',
            'load_dense_model', 'evaluate_dense_run', 'DENSE_CONFIG_FILE', 'DENSE_KEYS']
@@ -41,25 +41,7 @@ __all__ = ['DetectionTask', 'SegmentationTask', 'build_dense_parser', 'parse_den
 _logger = logging.getLogger(__name__)
 DENSE_CONFIG_FILE = 'dense_config.json'
 DENSE_KEYS = ('arch', 'output_stride', 'fpn_channels')  # recipe keys of the dense scripts beyond train.py's
-DEFAULT_IMG_SIZE = 128
-
-
-def build_dense_parser(task: str) -> argparse.ArgumentParser:
-    """train.py's parser (every flag and recipe key) plus ``--arch``, ``--output-stride``, ``--fpn-channels``,
-    with dense defaults: eval split ``val``, 128 px images, batch size 8."""
-    parser = build_parser()
-    group = parser.add_argument_group(task)
-    if task == 'detection':
-        group.add_argument('--arch', default='fasterrcnn', choices=DETECTION_ARCHS, help='torchvision detector')
-        group.add_argument('--fpn-channels', type=int, default=128, help='FPN width')
-        group.add_argument('--output-stride', type=int, default=None, help=argparse.SUPPRESS)
-    else:
-        group.add_argument('--arch', default='unet', choices=tuple(SEGMENTATION_ARCHS), help='smp segmenter')
-        group.add_argument('--output-stride', type=int, default=None, choices=(8, 16),
-                           help='DeepLabV3+ encoder output stride (default 16)')
-        group.add_argument('--fpn-channels', type=int, default=None, help=argparse.SUPPRESS)
-    parser.set_defaults(eval_split='val', img_size=DEFAULT_IMG_SIZE, batch_size=8, key_init_batches=2)
-    return parser
+DEFAULT_IMG_SIZE = DENSE_IMG_SIZE
 
 
 def parse_dense_args(task: str, argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, Dict[str, Any]]:

@@ -19,6 +19,7 @@ import pce_timm  # noqa: F401  (registers the pce_* models with timm)
 
 __all__ = ['create_segmenter', 'SEGMENTATION_ARCHS']
 
+# the same names as the dense parser's --arch choices (pce_timm.train.flags.SEGMENTATION_ARCH_NAMES)
 SEGMENTATION_ARCHS = {'unet': smp.Unet, 'fpn': smp.FPN, 'deeplabv3plus': smp.DeepLabV3Plus}
 
 

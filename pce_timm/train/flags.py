@@ -9,9 +9,13 @@ from typing import Any
 
 import yaml
 
-__all__ = ['MIXED_PRECISION', 'TRACKERS', 'build_parser']
+__all__ = ['DENSE_IMG_SIZE', 'DETECTION_ARCHS', 'MIXED_PRECISION', 'SEGMENTATION_ARCH_NAMES', 'TRACKERS',
+           'build_dense_parser', 'build_parser']
 
 MIXED_PRECISION = ('no', 'fp16', 'bf16')
+DETECTION_ARCHS = ('fasterrcnn', 'retinanet', 'fcos')  # torchvision detectors (pce_timm.tasks.detection)
+SEGMENTATION_ARCH_NAMES = ('unet', 'fpn', 'deeplabv3plus')  # smp segmenters (pce_timm.tasks.segmentation)
+DENSE_IMG_SIZE = 128  # the dense scripts' default image size
 TRACKERS = ('csv', 'tensorboard', 'wandb', 'mlflow', 'aim', 'comet_ml', 'clearml', 'dvclive', 'swanlab', 'trackio')
 
 
@@ -169,4 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--checkpoint-limit', type=int, default=2, help='keep the N newest checkpoints')
     group.add_argument('--progress', type=_bool, nargs='?', const=True, default=True,
                        help='progress bars: live on a terminal, a line every 30 s in a log file (pce_timm.progress)')
+    return parser
+
+
+def build_dense_parser(task: str) -> argparse.ArgumentParser:
+    """train.py's parser (every flag and recipe key) plus ``--arch``, ``--output-stride``, ``--fpn-channels``,
+    with dense defaults: eval split ``val``, 128 px images, batch size 8 (``scripts/train_detection.py`` /
+    ``train_segmentation.py``)."""
+    parser = build_parser()
+    group = parser.add_argument_group(task)
+    if task == 'detection':
+        group.add_argument('--arch', default='fasterrcnn', choices=DETECTION_ARCHS, help='torchvision detector')
+        group.add_argument('--fpn-channels', type=int, default=128, help='FPN width')
+        group.add_argument('--output-stride', type=int, default=None, help=argparse.SUPPRESS)
+    else:
+        group.add_argument('--arch', default='unet', choices=SEGMENTATION_ARCH_NAMES, help='smp segmenter')
+        group.add_argument('--output-stride', type=int, default=None, choices=(8, 16),
+                           help='DeepLabV3+ encoder output stride (default 16)')
+        group.add_argument('--fpn-channels', type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(eval_split='val', img_size=DENSE_IMG_SIZE, batch_size=8, key_init_batches=2)
     return parser
