@@ -29,13 +29,15 @@ DATA_CONFIG = {'input_size': (3, SIZE, SIZE), 'mean': (0.5,) * 3, 'std': (0.25,)
                'interpolation': 'bilinear'}
 
 
-def tiny_model(seed: int = 3, **kwargs) -> nn.Module:
+def tiny_model(seed: int = 3, grid: bool = False, **kwargs) -> nn.Module:
     """PCE in stages 1-2 with 6 px and 3 px patches (pyramid levels 2 and 4 do not divide them), distinct
-    experts, random norms and a strong patch embedding, so routing follows the content."""
+    experts, random norms and a strong patch embedding, so routing follows the content. ``grid``: the same
+    patches from ``patch_grid`` (2x2 grids of the 12 px and 6 px maps), sized from the input at forward time."""
     torch.manual_seed(seed)
-    kwargs = {'num_experts': 4, 'top_k': 1, **kwargs}
+    patches = {'patch_grid': [2, 2, 2, 2]} if grid else {'patch_size': [2, 6, 3, 2]}
+    kwargs = {'num_experts': 4, 'top_k': 1, **patches, **kwargs}
     model = timm.create_model('pce_resnet18', num_classes=5, stem_type='cifar', channels=[8, 8, 16, 16],
-                              pce_stages=[1, 2], patch_size=[2, 6, 3, 2], **kwargs)
+                              pce_stages=[1, 2], **kwargs)
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if type(module).__name__ == 'ConvExperts':
@@ -91,9 +93,13 @@ def test_matmul_pooling_is_adaptive_pooling(size, level):
     assert pooling_matrix(size, level, x.device, x.dtype).sum(1).allclose(torch.ones(level, dtype=x.dtype))
 
 
-def test_torchscript_onnx_exporter_dynamic_batch_exact_routing(tmp_path):
+@pytest.mark.parametrize('grid', [False, True])
+def test_torchscript_onnx_exporter_dynamic_batch_exact_routing(tmp_path, grid):
     pytest.importorskip('onnx')
-    model = tiny_model()
+    model = tiny_model(grid=grid)
+    if grid:  # the premise: the same patches as the pixel sizes
+        model(EXAMPLE)
+        assert [layer.patch_size for layer in pce_layers(model).values()] == [(12, 12), (6, 6), (6, 6), (3, 3)]
     _assert_routing_differs_from_example(model)
     path = tmp_path / 'model.onnx'
     with torch.no_grad():

@@ -340,7 +340,9 @@ class PCEConv2d(nn.Module):
         if x.shape[1] != self.in_chs:
             raise ValueError(f'PCEConv2d expects in_chs={self.in_chs} input channels, got {x.shape[1]}')
         b, _, h, w = x.shape
-        patch = self.patch_size_for(h, w)
+        # under torch.jit.trace (the TorchScript ONNX exporter) sizes are traced values; the map's h, w are fixed in
+        # such a graph (only the batch may be dynamic), so the patch derived from them is a constant
+        patch = self.patch_size_for(int(h), int(w)) if torch.jit.is_tracing() else self.patch_size_for(h, w)
         if self.patch_grid is not None and not is_exporting():  # an exported graph has no module state
             self.patch_size = patch
         grid = grid_size(h, w, patch)
