@@ -27,28 +27,6 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-import torch
-
-from pce_timm.benchmark import (
-    PROCESSES,
-    THIS_TREE,
-    VariantTimings,
-    bound_cases,
-    bound_verdict,
-    find_jemalloc,
-    format_new_over_old,
-    format_table,
-    git_worktree,
-    layer_cases,
-    layer_goals,
-    make_variants,
-    new_over_old,
-    profile_case,
-    resolve_commit,
-    time_variants,
-    timings_to_dict,
-)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='compile section: timed rounds of eager and compiled calls after the first call')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
     parser.add_argument('--tuned', action='store_true',
-                        help=f'also time every case in a worker with glibc malloc tuning ({PROCESSES["glibc tuned"]})')
+                        help='also time every case in a worker with glibc malloc tuning (PCE_TIMM_MALLOC_TUNING=1: '
+                             'glibc malloc keeps freed memory; pce_timm.runtime)')
     parser.add_argument('--jemalloc', nargs='?', const='auto', metavar='LIB',
                         help='also time every case in a worker with jemalloc preloaded (LD_PRELOAD=LIB; default: the '
                              'libjemalloc the dynamic loader finds, Debian: apt-get install libjemalloc2)')
@@ -117,6 +96,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not args.jemalloc:
             parser.error('--jemalloc: no libjemalloc found (Debian: apt-get install libjemalloc2), or pass its path')
     return args
+
+
+
+if __name__ == '__main__' and any(arg in ('-h', '--help') for arg in sys.argv[1:]):
+    parse_args()  # prints the options and exits, before torch is imported below
+
+import torch  # noqa: E402
+
+from pce_timm.benchmark import (  # noqa: E402
+    PROCESSES,
+    THIS_TREE,
+    VariantTimings,
+    bound_cases,
+    bound_verdict,
+    find_jemalloc,
+    format_new_over_old,
+    format_table,
+    git_worktree,
+    layer_cases,
+    layer_goals,
+    make_variants,
+    new_over_old,
+    profile_case,
+    resolve_commit,
+    time_variants,
+    timings_to_dict,
+)
 
 
 def layer_input_shape(args: argparse.Namespace) -> tuple:

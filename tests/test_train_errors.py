@@ -254,7 +254,7 @@ def test_bad_surgery_requests_are_refused_before_any_work():
 @pytest.mark.parametrize('script', ['train.py', 'finetune.py', 'evaluate.py', 'surgery.py', 'analyze_routing.py',
                                     'sweep.py', 'evaluate_dense.py', 'train_detection.py', 'train_segmentation.py',
                                     'make_dense_dataset.py', 'push_to_hub.py', 'demo.py', 'make_release.py',
-                                    'export.py'])
+                                    'export.py', 'benchmark.py', 'balance_table.py'])
 def test_help_imports_no_torch(script):
     """--help builds the same parser from pce_timm/train/flags.py alone (scripts/_fast_help.py): no torch, timm or
     accelerate import (python -X importtime lists every module imported)."""
