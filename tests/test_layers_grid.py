@@ -107,6 +107,24 @@ def test_patch_grid_layer_scripts():
         assert tuple(scripted.last_grid_size) == layer.last_grid_size == (2, 2)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('train', [False, True])
+def test_patch_grid_layer_compiles_fullgraph(train):
+    """The patch a grid derives from each input is a Python int under Dynamo: one graph per input size, no break."""
+    torch.manual_seed(0)
+    layer = PCEConv2d(8, 8, stride=2, num_experts=4, top_k=1, patch_grid=2).train(train)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend='eager', fullgraph=True)
+    for size in (16, 11):
+        x = torch.randn(2, 8, size, size)
+        torch.manual_seed(1)
+        expected = layer(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        assert layer.last_grid_size == (2, 2)
+    torch._dynamo.reset()
+
+
 def test_patch_size_and_patch_grid_arguments():
     assert PCEConv2d(8, 8).patch_size == (8, 8)  # the layer's default is still 8 px
     with pytest.raises(ValueError, match='not both'):
