@@ -236,17 +236,26 @@ def test_script_errors(model_dir, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_onnx_extra_names_it(monkeypatch):
+@pytest.mark.parametrize('missing, message', [
+    (('onnxruntime',), 'needs onnxruntime, which is not installed'),
+    (('onnx', 'onnxruntime', 'onnxscript'), 'needs onnx, onnxruntime, onnxscript, which are not installed'),
+])
+def test_missing_onnx_extra_names_it(monkeypatch, missing, message):
+    """Whatever is installed here (``make test-min`` has none of the extra): the modules the fake import refuses
+    are named, with the extra that installs them."""
+    import types
+
     real_import = importlib.import_module
 
-    def without_onnxruntime(name, *args):
-        if name == 'onnxruntime':
-            raise ModuleNotFoundError("No module named 'onnxruntime'")
+    def fake_import(name, *args):
+        if name in missing:
+            raise ModuleNotFoundError(f"No module named '{name}'")
+        if name in ('onnx', 'onnxruntime', 'onnxscript'):
+            return types.ModuleType(name)
         return real_import(name, *args)
 
-    monkeypatch.setattr(importlib, 'import_module', without_onnxruntime)
-    with pytest.raises(MissingExtraError, match=r"ONNX export needs onnxruntime, which is not installed: "
-                                                r"pip install 'pce_timm\[onnx\]'"):
+    monkeypatch.setattr(importlib, 'import_module', fake_import)
+    with pytest.raises(MissingExtraError, match=rf"ONNX export {message}: pip install 'pce_timm\[onnx\]'"):
         require_extra('onnx', 'ONNX export')
 
 
