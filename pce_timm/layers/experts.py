@@ -242,6 +242,14 @@ class ConvExperts(nn.Module):
     def _eval_expert(self, x: torch.Tensor, expert: int, padding: int) -> torch.Tensor:
         """Expert ``expert``'s conv and eval-mode BatchNorm (running statistics), before the ReLU: see
         :func:`eval_expert_conv`."""
+        running_mean, running_var, weight, bias = self._expert_bn_slices(expert)
+        return eval_expert_conv(x, self.weight[expert], running_mean, running_var, weight, bias, self.bn.eps,
+                                self.stride, padding)
+
+    def _expert_bn_slices(self, expert: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
+                                                      Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Expert ``expert``'s slices of ``self.bn``: running mean, running var, weight, bias (views, so running
+        statistics update in place; each None where the BatchNorm has none)."""
         bn, o = self.bn, self.out_chs
         channels = slice(expert * o, (expert + 1) * o)
         running_mean, running_var = bn.running_mean, bn.running_var  # None without track_running_stats
@@ -251,8 +259,7 @@ class ConvExperts(nn.Module):
             running_var = running_var[channels]
         weight = bn.weight[channels] if bn.weight is not None else None
         bias = bn.bias[channels] if bn.bias is not None else None
-        return eval_expert_conv(x, self.weight[expert], running_mean, running_var, weight, bias, self.bn.eps,
-                                self.stride, padding)
+        return running_mean, running_var, weight, bias
 
     @torch.jit.export  # called by SortedDispatch only under torch.compile; TorchScript runs forward_sorted
     @torch.jit.unused
@@ -301,16 +308,9 @@ class ConvExperts(nn.Module):
     def _expert_batch_norm(self, y: torch.Tensor, expert: int, factor: float) -> torch.Tensor:
         """``self.bn`` on expert ``expert``'s output channels only (its slice of the statistics and affine
         parameters; running statistics are updated in place through the slice), after :meth:`_batch_norm_step`."""
-        bn, o = self.bn, self.out_chs
-        channels = slice(expert * o, (expert + 1) * o)
-        running_mean, running_var = bn.running_mean, bn.running_var  # None without track_running_stats
-        use_batch_stats = bn.training or (running_mean is None and running_var is None)
-        if running_mean is not None:
-            running_mean = running_mean[channels]
-        if running_var is not None:
-            running_var = running_var[channels]
-        weight = bn.weight[channels] if bn.weight is not None else None
-        bias = bn.bias[channels] if bn.bias is not None else None
+        bn = self.bn
+        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        running_mean, running_var, weight, bias = self._expert_bn_slices(expert)
         return F.batch_norm(y, running_mean, running_var, weight, bias, use_batch_stats, factor, self.bn.eps)
 
     def _folded_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
