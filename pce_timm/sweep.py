@@ -87,6 +87,7 @@ class SweepConfig:
 
 _KEYS = {'recipe', 'seeds', 'cells', 'val_fraction', 'test', 'launcher', 'options'}
 CELL_KEYS = {'name', 'kind', 'options'}
+TEMPLATE_FIELDS = {'seed': 0, 'runs': 'runs'}  # what a cell's string options may name (see run_recipe)
 
 
 def load_sweep_config(path: os.PathLike) -> SweepConfig:
@@ -121,7 +122,15 @@ def load_sweep_config(path: os.PathLike) -> SweepConfig:
         kind = item.get('kind', 'pce')
         if kind not in ('pce', 'dense'):
             raise SweepConfigError(f'{path}: cells[{i}] ({item["name"]}): kind must be pce or dense, got {kind!r}')
-        cells.append(Cell(item['name'], kind, dict(item.get('options') or {})))
+        options = dict(item.get('options') or {})
+        for key, value in options.items():
+            try:
+                _ = value.format(**TEMPLATE_FIELDS) if isinstance(value, str) else value
+            except (KeyError, IndexError, ValueError) as e:
+                raise SweepConfigError(
+                    f'{path}: cells[{i}] ({item["name"]}): option {key}: {value!r} is not a valid template '
+                    f'({type(e).__name__}: {e}); it may name {{seed}} and {{runs}} only') from None
+        cells.append(Cell(item['name'], kind, options))
     if not cells:
         raise SweepConfigError(f'{path}: cells is empty')
     folders = [c.folder for c in cells]
@@ -144,11 +153,16 @@ def run_dir(output_dir: Path, cell: Cell, seed: int) -> Path:
     return output_dir / 'runs' / cell.folder / f'seed_{seed}'
 
 
-def run_recipe(cfg: SweepConfig, cell: Cell, seed: int) -> Dict[str, Any]:
-    """The recipe of one run: the sweep's recipe, its common options, the cell's options, the seed, validation."""
+def run_recipe(cfg: SweepConfig, cell: Cell, seed: int, output_dir: Path) -> Dict[str, Any]:
+    """The recipe of one run: the sweep's recipe, its common options, the cell's options, the seed, validation.
+
+    String option values may name ``{seed}`` and ``{runs}`` (``<output_dir>/runs``), so a cell can start from
+    another cell's run of the same seed: ``model: '{runs}/dense/seed_{seed}'`` upcycles the dense runs.
+    """
     recipe = yaml.safe_load(cfg.recipe.read_text()) or {}
-    return {**recipe, **cfg.options, **cell.options, 'seed': seed, 'val_fraction': cfg.val_fraction,
-            'eval_split': 'test'}
+    fields = {'seed': seed, 'runs': str(Path(output_dir).resolve() / 'runs')}
+    options = {k: v.format(**fields) if isinstance(v, str) else v for k, v in {**cfg.options, **cell.options}.items()}
+    return {**recipe, **options, 'seed': seed, 'val_fraction': cfg.val_fraction, 'eval_split': 'test'}
 
 
 def subprocess_runner(command: List[str], log: Path) -> int:
@@ -192,7 +206,7 @@ def _run_one(cfg: SweepConfig, output_dir: Path, cell: Cell, seed: int, runner: 
     results = _completed(run / 'results.json')
     if results is None:
         recipe = run.with_suffix('.yaml')
-        write_file_atomic(recipe, yaml.safe_dump(run_recipe(cfg, cell, seed), sort_keys=False))
+        write_file_atomic(recipe, yaml.safe_dump(run_recipe(cfg, cell, seed, output_dir), sort_keys=False))
         command = [*cfg.launcher] if cfg.launcher else [sys.executable]
         command += [str(SCRIPTS / 'train.py'), '--config', str(recipe), '--output-dir', str(run)]
         if (run / 'checkpoints').is_dir():

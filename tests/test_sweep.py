@@ -99,6 +99,24 @@ def test_sweep_selects_on_validation_reports_test_and_resumes(tmp_path):
     assert train_call[-2:] == ['--resume', 'auto'] and str(interrupted) in train_call
 
 
+def test_a_cell_starts_from_another_cells_run_of_the_same_seed(tmp_path):
+    cells = [{'name': 'dense', 'kind': 'dense', 'options': {'pce_stages': []}},
+             {'name': 'upcycled', 'options': {'model': '{runs}/dense/seed_{seed}', 'pce_stages': [1, 2]}}]
+    runner = FakeRunner()
+    NUMBERS['upcycled'] = NUMBERS['pce']
+    try:
+        run_sweep(load_sweep_config(_write_config(tmp_path, cells=cells)), tmp_path / 'out', runner=runner,
+                  progress=False)
+    finally:
+        del NUMBERS['upcycled']
+    runs = (tmp_path / 'out' / 'runs').resolve()
+    for seed in (0, 1):
+        recipe = yaml.safe_load((runs / 'upcycled' / f'seed_{seed}.yaml').read_text())
+        assert recipe['model'] == str(runs / 'dense' / f'seed_{seed}') and recipe['pce_stages'] == [1, 2]
+    trained = [c[c.index('--output-dir') + 1] for c in runner.calls if Path(c[1]).name == 'train.py']
+    assert trained.index(str(runs / 'dense' / 'seed_1')) < trained.index(str(runs / 'upcycled' / 'seed_0'))
+
+
 def test_a_failed_run_stops_the_sweep_naming_its_log(tmp_path, capsys):
     config = _write_config(tmp_path)
 
@@ -119,6 +137,7 @@ def test_a_failed_run_stops_the_sweep_naming_its_log(tmp_path, capsys):
     ({'cells': [{'name': 'x', 'kind': 'moe'}]}, 'kind must be pce or dense'),
     ({'val_fraction': 0.9}, r'val_fraction must be in \(0, 0.5\]'),
     ({'grid': {}}, r"unknown keys \['grid'\]"),
+    ({'cells': [{'name': 'up', 'options': {'model': '{runs}/dense/seed_{sed}'}}]}, r'not a valid template.*sed'),
 ])
 def test_bad_sweep_configs_are_clear_errors(tmp_path, changes, message, capsys):
     path = _write_config(tmp_path, **changes)
