@@ -189,10 +189,18 @@ def eval_path(run: Path, dataset: str, split: str) -> Path:
 
 
 def run_sweep(cfg: SweepConfig, output_dir: os.PathLike, runner: Runner = subprocess_runner,
-              progress: bool = True) -> Dict[str, Any]:
-    """Train and evaluate every (cell, seed) not done yet, then write and return the summary."""
+              progress: bool = True, only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Train and evaluate every (cell, seed) not done yet, then write and return the summary.
+
+    ``only``: the names of the cells to run (the summary still covers every cell's finished runs), so several
+    processes can share one grid, each on its own cells.
+    """
     output_dir = Path(output_dir)
-    jobs = [(cell, seed) for cell in cfg.cells for seed in cfg.seeds]
+    names = [c.name for c in cfg.cells]
+    unknown = [n for n in only or () if n not in names]
+    if unknown:
+        raise SweepConfigError(f'{cfg.path}: no cells named {unknown}; the cells are {names}')
+    jobs = [(cell, seed) for cell in cfg.cells if only is None or cell.name in only for seed in cfg.seeds]
     bar = progress_bar(jobs, desc='sweep', unit='run', disable=not progress)
     for cell, seed in bar:
         bar.set_postfix_str(f'{cell.name} seed {seed}')

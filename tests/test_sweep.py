@@ -117,6 +117,19 @@ def test_a_cell_starts_from_another_cells_run_of_the_same_seed(tmp_path):
     assert trained.index(str(runs / 'dense' / 'seed_1')) < trained.index(str(runs / 'upcycled' / 'seed_0'))
 
 
+def test_only_the_named_cells_run_and_the_summary_covers_all_finished(tmp_path):
+    cfg = load_sweep_config(_write_config(tmp_path))
+    runner = FakeRunner()
+    summary = run_sweep(cfg, tmp_path / 'out', runner=runner, progress=False, only=['pce wide'])
+    trained = {Path(c[c.index('--output-dir') + 1]).parent.name for c in runner.calls if '--output-dir' in c}
+    assert trained == {'pce_wide'}
+    assert [c['seeds'] for c in summary['cells']] == [[], [], [0, 1]]
+    summary = run_sweep(cfg, tmp_path / 'out', runner=runner, progress=False, only=['dense', 'pce'])
+    assert len(runner.calls) == 12 and all(c['seeds'] == [0, 1] for c in summary['cells'])
+    with pytest.raises(SweepConfigError, match=r"no cells named \['pce_wide'\]"):
+        run_sweep(cfg, tmp_path / 'out', runner=runner, progress=False, only=['pce_wide'])
+
+
 def test_a_failed_run_stops_the_sweep_naming_its_log(tmp_path, capsys):
     config = _write_config(tmp_path)
 
