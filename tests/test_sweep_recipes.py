@@ -20,12 +20,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 import yaml
 from accelerate.state import AcceleratorState
 from PIL import Image
 
 from pce_timm.data import dataset_info, load_image_dataset
 from pce_timm.data.registry import CIFAR10_CLASSES
+from pce_timm.layers import pce_layers
 from pce_timm.sweep import Cell, load_sweep_config, run_recipe, run_sweep, subprocess_runner
 from pce_timm.train import parse_args
 from pce_timm.train.checkpoint import save_model_dir
@@ -45,6 +47,16 @@ HUB_LAYOUTS = {  # dataset -> (sweep config, image column, class names, image fo
     'tiny-imagenet': ('tiny_imagenet_factors.yaml', 'image', TINY_IMAGENET_CLASSES, 'JPEG', {
         'train': 'data/train-00000-of-00001-1359597a978bc4fa.parquet',
         'valid': 'data/valid-00000-of-00001-70d52db3c749a935.parquet'}),
+}
+def _grids(stage1: int, stage2: int):
+    """The patch grid of every PCE layer (the first conv of each block of stages 1 and 2)."""
+    return {f'layer{stage}.{block}.conv1': (grid, grid) for stage, grid in ((2, stage1), (3, stage2))
+            for block in (0, 1)}
+
+
+ROUTING_GRIDS = {  # dataset -> cell -> the grid of every PCE layer at the dataset's size
+    'cifar10': {'pce base': _grids(4, 4), 'fine patches (2 px)': _grids(8, 4)},  # 16 and 8 px maps
+    'tiny-imagenet': {'pce base': _grids(4, 4), 'fine patches (2 px)': _grids(16, 8)},  # 32 and 16 px maps
 }
 PER_CLASS = {'train': 20, 'test': 4, 'valid': 1}
 TINY = {'epochs': 1, 'max_train_samples': 64, 'max_eval_samples': 32, 'batch_size': 16, 'eval_batch_size': 64,
@@ -141,10 +153,11 @@ def test_the_hub_layout_loads_with_its_splits_and_classes(dataset, hub_data, tmp
 
 
 @pytest.mark.parametrize('dataset', list(HUB_LAYOUTS))
-def test_every_cell_recipe_checks_and_builds_on_meta(dataset, hub_data, tmp_path):
+def test_every_cell_recipe_checks_and_builds(dataset, hub_data, tmp_path):
     """The trainer's recipe check on every cell at the recipe's full widths: parse_args checks every value and the
     phases and builds the model on the meta device at the dataset's size. The upcycled cell finds the dense cell's
-    run of its seed (its model built as the dense run would build it, untrained)."""
+    run of its seed (its model built as the dense run would build it, untrained). The base and fine-patch models
+    run one image: every PCE layer routes the grid the recipe promises."""
     cfg = tiny_sweep(dataset, hub_data[dataset])
     recipe = yaml.safe_load(cfg.recipe.read_text())
     cfg = dataclasses.replace(cfg, options={**cfg.options, 'model_kwargs': recipe['model_kwargs']})
@@ -160,6 +173,13 @@ def test_every_cell_recipe_checks_and_builds_on_meta(dataset, hub_data, tmp_path
             save_model_dir(model, tmp_path / 'runs' / 'dense' / 'seed_0' / 'model')
         if cell.name == 'upcycled from dense':
             assert args.model.name == str((tmp_path / 'runs' / 'dense' / 'seed_0').resolve())
+        if cell.name in ROUTING_GRIDS[dataset]:  # the grids the recipe comments promise, at the dataset's size
+            info = dataset_info(dataset)
+            model = create_train_model(args.model, info['num_classes'], info['in_chans']).eval()
+            with torch.no_grad():
+                model(torch.zeros(1, *info['input_size']))
+            grids = {name: layer.last_grid_size for name, layer in pce_layers(model).items()}
+            assert grids == ROUTING_GRIDS[dataset][cell.name], cell.name
 
 
 def in_process_runner(command, log: Path) -> int:
