@@ -26,7 +26,7 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 
 from pce_timm.data import dataset_info, load_image_dataset
-from pce_timm.data.registry import CIFAR10_CLASSES
+from pce_timm.data.registry import CIFAR10_CLASSES, get_dataset_spec
 from pce_timm.layers import pce_layers
 from pce_timm.sweep import Cell, load_sweep_config, run_recipe, run_sweep, subprocess_runner
 from pce_timm.train import parse_args
@@ -138,10 +138,20 @@ def test_the_grid_is_the_fashion_mnist_campaigns(dataset):
 
 
 @pytest.mark.parametrize('dataset', list(HUB_LAYOUTS))
-def test_the_hub_layout_loads_with_its_splits_and_classes(dataset, hub_data, tmp_path, caplog):
+@pytest.mark.parametrize('where', ['data_dir', 'hub cache'])
+def test_the_hub_layout_loads_with_its_splits_and_classes(dataset, where, hub_data, tmp_path, monkeypatch, caplog):
+    """From --data-dir, and (what `hf download <repo> --repo-type dataset` leaves) from the Hub cache offline."""
+    data_dir = hub_data[dataset]
+    if where == 'hub cache':
+        hub_id = get_dataset_spec(dataset).hub_id
+        shutil.copytree(data_dir, tmp_path / 'hub' / f'datasets--{hub_id.replace("/", "--")}' / 'snapshots' / 'abc')
+        monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hub'))
+        monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+        data_dir = None
+    cache = str(tmp_path / 'datasets_cache')
+    train = load_image_dataset(dataset, 'train', data_dir=data_dir, cache_dir=cache)
+    test = load_image_dataset(dataset, 'test', data_dir=data_dir, cache_dir=cache)
     names = HUB_LAYOUTS[dataset][2]
-    train = load_image_dataset(dataset, 'train', data_dir=hub_data[dataset], cache_dir=str(tmp_path))
-    test = load_image_dataset(dataset, 'test', data_dir=hub_data[dataset], cache_dir=str(tmp_path))
     assert train.column_names == ['image', 'label'] and train.features['label'].names == list(names)
     assert (len(train), len(test)) == (20 * len(names), (4 if dataset == 'cifar10' else 1) * len(names))
     assert train['label'][:3] == [0, 1, 2] and isinstance(test[0]['image'], Image.Image)
