@@ -247,7 +247,8 @@ def _label_mapping(names: Sequence[str], spec: DatasetSpec, where: str) -> tuple
     if all(n.isdecimal() and int(n) < spec.num_classes for n in names):
         return [int(n) for n in names], spec_names
     if len(names) == spec.num_classes:
-        _logger.warning('%s: class names %s... do not match %s; keeping their order.', where, names[:3], spec.name)
+        if spec.class_names:  # a spec without names (tiny-imagenet: the Hub's WordNet ids) takes the data's quietly
+            _logger.warning('%s: class names %s... do not match %s; keeping their order.', where, names[:3], spec.name)
         return list(range(len(names))), list(names)
     raise DatasetNotFoundError(
         f'{spec.name} from {where} has {len(names)} classes ({", ".join(names[:5])}, ...), expected '
