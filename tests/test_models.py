@@ -66,7 +66,7 @@ def test_registry():
     assert len(fmnist.label_names) == 10 and fmnist.crop_pct == 1.0
 
 
-@pytest.mark.parametrize('model_name', PCE_MODELS)
+@pytest.mark.parametrize('model_name', RESNET_MODELS)  # the hybrids' feature pyramid: test_models_vit_hybrid_features
 def test_features_match_intermediates_and_routing_is_recorded(model_name):
     torch.manual_seed(0)
     model = timm.create_model(model_name).eval()

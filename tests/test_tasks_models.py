@@ -1,5 +1,5 @@
-"""Dense-task models: every pce_* model as an smp encoder, output_stride on PCE-ResNets, torchvision detectors
-on pce_resnet18 and resnet18."""
+"""Dense-task models: every pce_* model as an smp encoder (the ViT hybrids through their features_only pyramid),
+output_stride on PCE-ResNets and the hybrids, torchvision detectors on pce_resnet18, resnet18 and a hybrid."""
 import pytest
 import timm
 import torch
@@ -32,10 +32,44 @@ def test_deeplab_on_a_pce_stage_3_names_the_stages_that_fit():
         create_segmenter('pce_resnet18', 3, 'deeplabv3plus')
 
 
-@pytest.mark.parametrize('name', HYBRIDS)
-def test_vit_hybrids_say_why_smp_cannot_take_them(name):
-    with pytest.raises(ValueError, match='pyramid of strides'):
-        create_segmenter(name, 3, 'unet')
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if 'base' in n else n for n in HYBRIDS])
+@pytest.mark.parametrize('arch', ['unet', 'fpn', 'deeplabv3plus'])
+def test_every_vit_hybrid_is_an_smp_encoder(name, arch):
+    """The features_only pyramid (strides 2-4-8-16-32; DeepLabV3+: 2-4-8-16-16) in smp, forward and backward."""
+    torch.manual_seed(0)
+    in_chans = 1 if arch == 'fpn' else 3
+    model = create_segmenter(name, 3, arch, in_chans=in_chans, embed_dim=64, num_heads=2).train()
+    reductions = [2, 4, 8, 16, 16] if arch == 'deeplabv3plus' else [2, 4, 8, 16, 32]
+    assert model.encoder.model.feature_info.reduction() == reductions and pce_layers(model)
+    out = model(torch.randn(2, in_chans, 64, 64))
+    assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]  # every level feeds the decoder
+
+
+def test_vit_hybrid_deeplab_at_output_stride_8_needs_a_dense_layer3():
+    model = create_segmenter('pce_vit_hybrid_small_r18', 3, 'deeplabv3plus', output_stride=8, pce_stages=(1,),
+                             embed_dim=64, num_heads=2).eval()
+    assert model.encoder.model.feature_info.reduction() == [2, 4, 8, 8, 8]  # the ViT on stride-8 tokens
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r'8: pce_stages within \(0, 1\)'):
+        create_segmenter('pce_vit_hybrid_small_r18', 3, 'deeplabv3plus', output_stride=8)
+
+
+def test_single_stride_backbones_say_why_smp_cannot_take_them():
+    with pytest.raises(ValueError, match='pyramid of strides.*smp.DPT takes single-stride ViTs'):
+        create_segmenter('vit_tiny_patch16_224', 3, 'unet')
+
+
+def test_vit_hybrid_detector_train_step():
+    model = create_detector('pce_vit_hybrid_small_r18', 3, 'fasterrcnn', img_size=64, embed_dim=64, num_heads=2)
+    assert model.backbone.strides == (4, 8, 16, 32, 64)  # levels 1-4 and the FPN's pooled level
+    losses = model([torch.rand(3, 64, 64)], [{'boxes': torch.tensor([[4.0, 6.0, 30.0, 40.0]]),
+                                               'labels': torch.tensor([1])}])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert model.backbone.body.model.blocks[-1].mlp.fc2.weight.grad is not None
 
 
 @pytest.mark.parametrize('output_stride', [16, 8])

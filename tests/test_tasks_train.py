@@ -1,5 +1,6 @@
 """Dense-task runs end to end on a tiny composed set: a fast segmentation smoke run (loss goes down, the run
-folder is complete, evaluate_dense gives the same numbers), then (slow) detection, exact resume and 2 ranks."""
+folder is complete, evaluate_dense gives the same numbers), a few steps on a PCE-ViT hybrid, then (slow)
+detection, exact resume and 2 ranks."""
 import json
 import os
 import shutil
@@ -108,3 +109,18 @@ def test_two_processes_through_accelerate_launch(composed, tmp_path):
     again = evaluate_dense_run(tmp_path / 'run', batch_size=1, progress=False)
     assert again['miou'] == pytest.approx(results['miou'], abs=1e-6)
     assert again['num_samples'] == 4
+
+
+def test_vit_hybrid_segmentation_run(composed, tmp_path):
+    """train_segmentation.py's loop on a PCE-ViT hybrid (Unet on its feature pyramid) for a few steps."""
+    argv = _argv(composed, tmp_path / 'run', '--epochs', '1', '--max-train-samples', '4')
+    argv[argv.index('--model') + 1] = 'pce_vit_hybrid_small_r18'
+    kwargs = argv.index('--model-kwargs')
+    argv[kwargs + 1:kwargs + 3] = ['embed_dim=64', 'num_heads=2', 'patch_size=[8,2,1,1]']  # 4x4 grids at 64 px
+    results = train_dense('segmentation', argv)
+    assert results['config']['model'] == 'pce_vit_hybrid_small_r18' and 0.0 <= results['miou'] <= 1.0
+    # the PCE layers of the CNN stem (stages 1-2 = layer2 / layer3), routed inside smp's encoder
+    assert set(results['routing']) == {f'encoder.model.model.patch_embed.backbone.layer{s}.{b}.conv1'
+                                       for s in (2, 3) for b in (0, 1)}
+    model, _ = load_dense_model(tmp_path / 'run')
+    assert model.encoder.model.feature_info.reduction() == [2, 4, 8, 16, 32]

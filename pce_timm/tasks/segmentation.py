@@ -5,9 +5,14 @@ Every pce_resnet* model works with all three. DeepLabV3+ asks its encoder for ``
 which timm's ResNet gets by dilating its last stage (last two) instead of striding; PCE layers have no dilated
 experts, so the dilated stages must be dense: a PCE-ResNet with PCE in stage 3 (the zoo default,
 ``pce_stages=(2, 3)``) takes DeepLabV3+ at ``output_stride`` 16 only with ``pce_stages`` within (0, 1, 2),
-and :func:`create_segmenter` says so. The ViT hybrids (``pce_vit_hybrid_*``) have one feature stride (16)
-after their CNN stem, which smp's encoders cannot take (they need a 2-4-8-16-32 pyramid); they raise a
-ValueError naming this.
+and :func:`create_segmenter` says so.
+
+The ViT hybrids (``pce_vit_hybrid_*``) work with all three through their ``features_only`` pyramid
+(:class:`pce_timm.models.pce_vit_hybrid.PCEHybridFeatures`): the CNN stem's maps at strides 2, 4, 8, the ViT's
+output at 16 and, for smp's fifth level, that map max-pooled to 32. DeepLabV3+ at ``output_stride`` 16 takes the
+ViT's map unpooled as its deepest feature; ``output_stride`` 8 dilates the CNN's ``layer3`` (the ViT then runs on
+stride-8 tokens), so it needs ``pce_stages`` within (0, 1). smp's DPT takes them too (``smp.DPT('tu-...')``: the
+ViT's block features). Backbones whose features all share one stride (timm's plain ViTs) raise a ValueError.
 """
 from typing import Any, Optional
 
@@ -33,7 +38,8 @@ def _check_backbone(backbone: str) -> None:
     if len(set(reductions)) < len(reductions):
         raise ValueError(
             f'backbone: {backbone!r} gives features at strides {reductions}; segmentation_models_pytorch encoders '
-            f'need a pyramid of strides 2-4-8-16-32 (a ResNet-like backbone such as pce_resnet18 or resnet18)')
+            f'need a pyramid of strides 2-4-8-16-32 (a ResNet-like backbone such as pce_resnet18 or resnet18, or a '
+            f'pce_vit_hybrid_*); smp.DPT takes single-stride ViTs')
 
 
 def create_segmenter(
