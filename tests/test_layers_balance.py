@@ -171,6 +171,7 @@ def test_aux_balance_loss_only_for_loss_balanced_token_choice():
     (dict(choice='experts', top_k=1), 'choice must be one of'),
     (dict(balance='aux', top_k=1), 'balance must be one of'),
     (dict(balance='bias', top_k=1, bias_update_rate=-1.0), 'bias_update_rate must be'),
+    (dict(balance='bias', top_k=1, bias_update='median'), 'bias_update must be one of'),
     (dict(choice='expert', top_k=1, eval_capacity_factor=1.0), 'eval_capacity_factor does not apply'),
 ])
 def test_bad_choice_or_balance_raises(kwargs, match):

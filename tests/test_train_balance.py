@@ -14,7 +14,7 @@ from timm.models import get_model_args, save_for_hf
 from pce_timm.layers import PCEConv2d, pce_layers
 from pce_timm.layers.routing_stats import imbalance
 from pce_timm.train import parse_phases, train
-from pce_timm.train.balance import last_loads, update_balance_bias, uses_balance_bias
+from pce_timm.train.balance import bias_step, last_loads, update_balance_bias, uses_balance_bias
 from pce_timm.train.config import model_kwargs
 from pce_timm.train.engine import PhaseController
 
@@ -25,11 +25,11 @@ from test_train import tiny_args  # noqa: E402  (the tiny digits recipe of the t
 pytestmark = pytest.mark.usefixtures('one_thread_fresh_accelerate')  # tests/conftest.py
 
 
-def _skewed_layer(rate: float = 0.05, seed: int = 0) -> PCEConv2d:
+def _skewed_layer(rate: float = 0.05, seed: int = 0, rule: str = 'sign') -> PCEConv2d:
     """A token-choice layer whose MLP router sends most patches to expert 0 (a hand-made skew)."""
     torch.manual_seed(seed)
     layer = PCEConv2d(4, 4, num_experts=4, patch_size=2, top_k=1, router='mlp', balance='bias',
-                      bias_update_rate=rate)
+                      bias_update_rate=rate, bias_update=rule)
     with torch.no_grad():
         layer.router.fc2.weight.normal_(0, 0.3)
         layer.router.fc2.bias.copy_(torch.tensor([2.0, 0.0, -0.5, -1.0]))
@@ -59,6 +59,39 @@ def test_bias_updates_move_load_toward_uniform():
     assert layer.router.fc2.bias.tolist() == [2.0, 0.0, -0.5, -1.0]  # nothing but the buffer moved
 
 
+def test_bias_step_known_answers():
+    load = torch.tensor([30.0, 10.0, 20.0, 20.0])  # mean 20
+    torch.testing.assert_close(bias_step(load, 0.1, 'sign'), torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    torch.testing.assert_close(bias_step(load, 0.1, 'proportional'), torch.tensor([-0.05, 0.05, 0.0, 0.0]))
+    skewed = torch.tensor([100.0, 0.0, 0.0, 0.0])  # (mean - load) / mean = -3 for the busy one: bounded by the rate
+    torch.testing.assert_close(bias_step(skewed, 0.1, 'proportional'), torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+    with pytest.raises(ValueError, match='bias_update must be one of'):
+        bias_step(load, 0.1, 'median')
+
+
+def test_proportional_bias_settles_where_the_sign_rule_keeps_moving():
+    """On noisy per-step loads (512 choices, 4 experts) both rules balance the skewed router, but only the
+    proportional one stops moving: its bias varies over the last 100 updates by less than one rate, the sign
+    rule's by several (every update moves every expert by the full rate)."""
+    amplitude, final = {}, {}
+    for rule in ('sign', 'proportional'):
+        layer = _skewed_layer(rate=0.1, rule=rule)
+        data = torch.Generator().manual_seed(123)
+        history = []
+        for _ in range(300):
+            with torch.no_grad():
+                layer(torch.randn(8, 4, 16, 16, generator=data))
+            update_balance_bias(layer)
+            history.append(layer.balance_bias.clone())
+        last = torch.stack(history[-100:])
+        amplitude[rule] = float((last.max(0).values - last.min(0).values).max())
+        with torch.no_grad():
+            layer(torch.randn(64, 4, 16, 16, generator=data))
+        final[rule] = imbalance(_counts(layer))
+    assert amplitude['proportional'] < 0.1 < 2 * 0.1 < amplitude['sign'], amplitude
+    assert final['proportional'] < 1.35, final
+
+
 def test_bias_update_is_sign_of_mean_minus_load_through_reduce():
     layer = _skewed_layer(rate=0.25)
     with torch.no_grad():
@@ -81,12 +114,17 @@ def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     layer = _skewed_layer(rate=0.1)  # the same weights on both ranks
+    proportional = _skewed_layer(rate=0.1, rule='proportional')
     torch.manual_seed(100 + rank)  # different data per rank
+    x = torch.randn(4, 4, 8, 8) * (1 + rank)
     with torch.no_grad():
-        layer(torch.randn(4, 4, 8, 8) * (1 + rank))
+        layer(x)
+        proportional(x)
     local = last_loads(layer)
     update_balance_bias(layer)  # torch.distributed is initialised: all-reduce
-    torch.save({'local': local, 'bias': layer.balance_bias.clone()}, os.path.join(out_dir, f'rank{rank}.pt'))
+    update_balance_bias(proportional)
+    torch.save({'local': local, 'bias': layer.balance_bias.clone(), 'proportional': proportional.balance_bias.clone()},
+               os.path.join(out_dir, f'rank{rank}.pt'))
     torch.distributed.destroy_process_group()
 
 
@@ -107,21 +145,27 @@ def test_two_process_bias_sync(tmp_path):
     assert torch.equal(ranks[0]['bias'], ranks[1]['bias'])
     total = ranks[0]['local'] + ranks[1]['local']
     torch.testing.assert_close(ranks[0]['bias'], 0.1 * torch.sign(total.mean() - total))
+    assert torch.equal(ranks[0]['proportional'], ranks[1]['proportional'])  # same weights and data: same loads
+    torch.testing.assert_close(ranks[0]['proportional'],
+                               0.1 * ((total.mean() - total) / total.mean()).clamp(-1.0, 1.0))
 
 
 def test_create_model_round_trip_of_the_new_args(tmp_path):
     model = timm.create_model('pce_resnet18', num_experts=3, top_k=1, pce_stages=(2,), choice='token', balance='bias',
-                              bias_update_rate=0.02, num_classes=5).eval()
+                              bias_update_rate=0.02, bias_update='proportional', num_classes=5).eval()
     layers = pce_layers(model)
     assert all(m.choice == 'token' and m.balance == 'bias' and m.bias_update_rate == 0.02 for m in layers.values())
     for layer in layers.values():
         layer.balance_bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
     args = get_model_args(model)
     assert (args['choice'], args['balance'], args['bias_update_rate']) == ('token', 'bias', 0.02)
+    assert args['bias_update'] == 'proportional'
+    assert all(m.bias_update == 'proportional' for m in layers.values())
     save_for_hf(model, tmp_path)
     rebuilt = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
     for layer in pce_layers(rebuilt).values():
         assert (layer.choice, layer.balance, layer.bias_update_rate) == ('token', 'bias', 0.02)
+        assert layer.bias_update == 'proportional'
         assert torch.equal(layer.balance_bias, torch.tensor([0.1, -0.2, 0.3]))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -134,9 +178,10 @@ def test_create_model_round_trip_of_the_new_args(tmp_path):
 
 
 def test_flags_reach_the_model_and_phases(tmp_path):
-    cfg = tiny_args(tmp_path, '--choice', 'expert', '--balance', 'loss', '--bias-update-rate', '0.5')
-    assert {k: model_kwargs(cfg.model)[k] for k in ('choice', 'balance', 'bias_update_rate')} == {
-        'choice': 'expert', 'balance': 'loss', 'bias_update_rate': 0.5}
+    cfg = tiny_args(tmp_path, '--choice', 'expert', '--balance', 'loss', '--bias-update-rate', '0.5',
+                    '--bias-update', 'proportional')
+    assert {k: model_kwargs(cfg.model)[k] for k in ('choice', 'balance', 'bias_update_rate', 'bias_update')} == {
+        'choice': 'expert', 'balance': 'loss', 'bias_update_rate': 0.5, 'bias_update': 'proportional'}
     assert 'choice' not in model_kwargs(tiny_args(tmp_path).model)  # unset: the model's default
     phases = parse_phases([{'name': 'a', 'epochs': 1, 'routing': 'router', 'choice': 'expert'},
                            {'name': 'b', 'routing': 'router'}], epochs=2)

@@ -27,5 +27,5 @@ from .patches import (
     unpatchify,
     window_index,
 )
-from .pce import BALANCES, CHOICES, ROUTING_MODES, PCEConv2d
+from .pce import BALANCES, BIAS_UPDATES, CHOICES, ROUTING_MODES, PCEConv2d
 from .routers import ROUTERS, CosineRouter, MLPRouter, PositionalRouter, UniformRouter, create_router

@@ -26,7 +26,8 @@ runs everywhere else. ``forward`` returns a Tensor. What routing did is kept on 
 Balance: ``balance='loss'`` leaves it to the Switch load-balance loss (:mod:`.losses`); ``balance='bias'`` is
 loss-free balancing (Wang et al. 2024): a per-expert buffer ``balance_bias`` added to the scores that choose
 the experts, never to the mixing weights, moved outside the graph after every optimizer step by
-:func:`pce_timm.train.balance.update_balance_bias`. Expert choice is balanced by construction.
+:func:`pce_timm.train.balance.update_balance_bias` (``bias_update``: DeepSeek's 'sign' or 'proportional').
+Expert choice is balanced by construction.
 
 Shape legend: b batch, c/o in/out channels, h/w input map, ho/wo output map, n patches, e experts,
 k top-k, d embedding dim, t = b * n tokens, s slots per expert (capacity).
@@ -77,6 +78,9 @@ from .routing_stats import (
 ROUTING_MODES = ('router', 'positional', 'uniform')
 CHOICES = ('token', 'expert')  # token: each patch picks its top-k experts; expert: each expert its top-c patches
 BALANCES = ('loss', 'bias')  # loss: Switch load-balance loss; bias: loss-free balancing bias
+# how the balancing bias moves after a step (rate = bias_update_rate, loads of the step): 'proportional' by
+# rate * clamp((mean - load) / mean, -1, 1), 'sign' (Wang et al. 2024, DeepSeek-V3) by rate * sign(mean - load)
+BIAS_UPDATES = ('sign', 'proportional')
 DEFAULT_PATCH_SIZE = 8  # pixels, when neither patch_size nor patch_grid is given
 # A patch may exceed its map (one padded patch: a 1x1 grid, which warns), up to this many times the map's area
 # after padding; beyond, the padding costs memory for nothing (``patch_size=1000`` on a 7x7 map asked for 32 GB),
@@ -117,7 +121,8 @@ def _check_patches(
 def _check_arguments(
         in_chs: int, out_chs: int, kernel_size: int, stride: int, num_experts: int, top_k: Optional[int], router: str,
         embed_chs: int, capacity_factor: float, eval_capacity_factor: Optional[float], gumbel_tau: float,
-        choice: str = 'token', balance: str = 'loss', bias_update_rate: float = 0.0) -> None:
+        choice: str = 'token', balance: str = 'loss', bias_update_rate: float = 0.0,
+        bias_update: str = 'sign') -> None:
     """Raise ValueError naming the first bad argument of :class:`PCEConv2d` (the patches: :func:`_check_patches`)."""
     for name, value in (('in_chs', in_chs), ('out_chs', out_chs), ('kernel_size', kernel_size),
                         ('stride', stride), ('num_experts', num_experts), ('embed_chs', embed_chs)):
@@ -136,13 +141,14 @@ def _check_arguments(
         raise ValueError(f'eval_capacity_factor must be None (exact routing) or > 0, got {eval_capacity_factor}')
     if gumbel_tau < 0:
         raise ValueError(f'gumbel_tau must be >= 0 (0 = off), got {gumbel_tau}')
-    check_choice_balance(choice, balance, top_k is None, bias_update_rate)
+    check_choice_balance(choice, balance, top_k is None, bias_update_rate, bias_update)
     if choice == 'expert' and eval_capacity_factor is not None:
         raise ValueError("eval_capacity_factor does not apply to choice='expert' (eval picks as training does, "
                          'with capacity_factor); leave it None')
 
 
-def check_choice_balance(choice: str, balance: str, soft: bool, bias_update_rate: float = 0.0) -> None:
+def check_choice_balance(choice: str, balance: str, soft: bool, bias_update_rate: float = 0.0,
+                         bias_update: str = 'sign') -> None:
     """Raise ValueError when a routing discipline (``choice``) and ``balance`` do not fit each other or soft routing."""
     if choice not in CHOICES:
         raise ValueError(f'choice must be one of {CHOICES}, got {choice!r}')
@@ -159,6 +165,8 @@ def check_choice_balance(choice: str, balance: str, soft: bool, bias_update_rate
                          "patches); use balance='loss' (no load-balance loss is applied to it) with it")
     if isinstance(bias_update_rate, bool) or not isinstance(bias_update_rate, (int, float)) or bias_update_rate < 0:
         raise ValueError(f'bias_update_rate must be a number >= 0, got {bias_update_rate!r}')
+    if bias_update not in BIAS_UPDATES:
+        raise ValueError(f'bias_update must be one of {BIAS_UPDATES}, got {bias_update!r}')
 
 
 @register_notrace_module  # routing is data-dependent: torch.fx keeps the layer as one leaf call
@@ -199,6 +207,7 @@ class PCEConv2d(nn.Module):
             choice: str = 'token',
             balance: str = 'loss',
             bias_update_rate: float = 1e-3,
+            bias_update: str = 'sign',
             patch_grid: Union[int, Tuple[int, int], None] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
@@ -239,9 +248,14 @@ class PCEConv2d(nn.Module):
             balance: 'loss' (the Switch load-balance aux loss, weighted by the recipe) or 'bias' (loss-free
                 balancing, token choice only: the ``balance_bias`` buffer [E] is added to the log-scores that
                 choose the experts, never to the mixing weights, and is updated outside the graph after every
-                optimizer step, ``bias += bias_update_rate * sign(mean load - load)``; the load-balance loss is
-                then off for this layer). Expert choice applies no load-balance loss either. Settable.
-            bias_update_rate: the step of that update, in logit units.
+                optimizer step by ``bias_update``; the load-balance loss is then off for this layer). Expert
+                choice applies no load-balance loss either. Settable.
+            bias_update_rate: the largest step of that update, in logit units.
+            bias_update: how the bias moves after a step, from the step's loads (see
+                :func:`pce_timm.train.balance.update_balance_bias`): 'proportional',
+                ``bias += bias_update_rate * clamp((mean load - load) / mean load, -1, 1)``, which stops moving
+                at balance, or 'sign' (default; Wang et al. 2024, DeepSeek-V3), ``bias += bias_update_rate *
+                sign(mean load - load)``, which moves every expert by the full step every update. Settable.
             patch_grid: instead of ``patch_size``: the patch grid (int or (rows, cols)), patches per side of the
                 layer's output map. The patch size is derived from each input's map at forward time
                 (:func:`.patches.grid_patch_size`: ``ceil(ceil(size / stride) / grid) * stride`` pixels, from
@@ -254,7 +268,7 @@ class PCEConv2d(nn.Module):
         super().__init__()
         _check_arguments(
             in_chs, out_chs, kernel_size, stride, num_experts, top_k, router, embed_chs, capacity_factor,
-            eval_capacity_factor, gumbel_tau, choice, balance, bias_update_rate)
+            eval_capacity_factor, gumbel_tau, choice, balance, bias_update_rate, bias_update)
         fixed_patch, patch_grid = _check_patches(patch_size, patch_grid, stride)
         self.in_chs = in_chs
         self.out_chs = out_chs
@@ -276,6 +290,7 @@ class PCEConv2d(nn.Module):
         self.choice = choice
         self.balance = balance
         self.bias_update_rate = float(bias_update_rate)
+        self.bias_update = bias_update
         self.track_routing = track_routing
         self.routing_mode = 'router'
 
@@ -545,7 +560,7 @@ class PCEConv2d(nn.Module):
     def extra_repr(self) -> str:
         top_k = 'soft' if self.soft else f'top_k={self.top_k}'
         extra = '' if self.choice == 'token' else f', choice={self.choice}'
-        extra += '' if self.balance == 'loss' else f', balance={self.balance}'
+        extra += '' if self.balance == 'loss' else f', balance={self.balance}, bias_update={self.bias_update}'
         patches = f'patch_size={self.patch_size}' if self.patch_grid is None else f'patch_grid={self.patch_grid}'
         return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
                 f'num_experts={self.num_experts}, {patches}, {top_k}, router={self.router_name}'

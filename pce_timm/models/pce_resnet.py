@@ -78,7 +78,7 @@ SOFT = 'soft'  # top_k value for soft routing over all experts (None does not su
 PCE_ARCH_ARGS = (
     'stem_type', 'num_experts', 'top_k', 'router', 'pce_stages', 'patch_size', 'patch_grid', 'capacity_factor',
     'embed_chs', 'attention', 'gumbel_tau', 'mix_conv', 'pce_kwargs', 'expert_counts', 'choice', 'balance',
-    'bias_update_rate',
+    'bias_update_rate', 'bias_update',
 )
 # The default routing grid: patches per side of each stage's output map, the patch size derived from the map at
 # forward time. At 224 px it gives the old default's pixels, (8, 4, 7, 7), in stages 0-2 (56 / 28 / 14 px maps)
@@ -89,7 +89,7 @@ DEFAULT_PATCH_GRID = (7, 7, 2, 2)
 PCE_ARGS_SET_BY_MODEL = frozenset({
     'num_experts', 'top_k', 'router', 'embed_chs', 'capacity_factor', 'gumbel_tau', 'mix_conv', 'attention',
     'patch_size', 'patch_grid', 'in_chs', 'out_chs', 'kernel_size', 'stride', 'choice', 'balance',
-    'bias_update_rate',
+    'bias_update_rate', 'bias_update',
 })
 
 
@@ -361,6 +361,7 @@ class PCEResNet(ResNet):
             choice: str = 'token',
             balance: str = 'loss',
             bias_update_rate: float = 1e-3,
+            bias_update: str = 'sign',
             output_stride: int = 32,
             patch_grid: Union[int, Sequence[int], None] = DEFAULT_PATCH_GRID,
             device=None,
@@ -397,7 +398,9 @@ class PCEResNet(ResNet):
             choice: the PCE layers' routing discipline: 'token' (each patch picks its top_k experts) or 'expert'
                 (each expert picks its top patches of every image; balanced by construction).
             balance: 'loss' (the load-balance aux loss) or 'bias' (loss-free balancing bias, token choice only).
-            bias_update_rate: the step of the balance bias per optimizer update (``balance='bias'``).
+            bias_update_rate: the largest step of the balance bias per optimizer update (``balance='bias'``).
+            bias_update: how that bias moves: 'sign' (the full rate every update, DeepSeek-V3's; default) or
+                'proportional' (to the expert's relative over- / under-load); see :class:`PCEConv2d`.
             output_stride: 32, 16 or 8, as timm's ResNet: 16 dilates stage 3 instead of striding it, 8 stages 2
                 and 3 (DeepLabV3+ asks for 16). PCE layers have no dilated experts, so a dilated stage must be
                 dense: a ValueError names the stages ``output_stride`` dilates and the ``pce_stages`` that fit.
@@ -427,7 +430,7 @@ class PCEResNet(ResNet):
             mix_conv = num_experts > 1
         pce_args = dict(num_experts=num_experts, top_k=_layer_top_k(top_k), router=router, embed_chs=embed_chs,
                         capacity_factor=capacity_factor, gumbel_tau=gumbel_tau, mix_conv=mix_conv, choice=choice,
-                        balance=balance, bias_update_rate=bias_update_rate, **pce_kwargs)
+                        balance=balance, bias_update_rate=bias_update_rate, bias_update=bias_update, **pce_kwargs)
         stage_args = {i: dict(pce_args, attention=attention and i == pce_stages[-1]) for i in pce_stages}
         dense_block, pce_block = BLOCKS[block]
         block_fns = tuple(

@@ -37,7 +37,7 @@ __all__ = [
 
 # Model kwargs that go to timm.create_model only when set (dense timm models do not accept the PCE ones).
 MODEL_KWARGS = ('num_experts', 'top_k', 'router', 'pce_stages', 'patch_size', 'attention', 'stem_type',
-                'drop_rate', 'drop_path_rate', 'choice', 'balance', 'bias_update_rate')
+                'drop_rate', 'drop_path_rate', 'choice', 'balance', 'bias_update_rate', 'bias_update')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -57,6 +57,7 @@ class ModelConfig:
     choice: Optional[str]  # 'token' | 'expert' (None: the model's default, token)
     balance: Optional[str]  # 'loss' | 'bias' (None: the model's default, loss)
     bias_update_rate: Optional[float]
+    bias_update: Optional[str]  # 'proportional' | 'sign' (None: the model's default, sign)
     pce_stages: Optional[List[int]]
     patch_size: Optional[int]
     attention: Optional[bool]

@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='loss: the load-balance aux loss (aux_balance); bias: loss-free balancing bias, '
                             'updated after every step (no load-balance loss for those layers)')
     group.add_argument('--bias-update-rate', type=float, default=None,
-                       help="step of the balance bias per update (balance: bias), in logit units")
+                       help="largest step of the balance bias per update (balance: bias), in logit units")
+    group.add_argument('--bias-update', default=None, choices=('sign', 'proportional'),
+                       help="how the balance bias moves after each update: sign (the full rate, DeepSeek-V3's; "
+                            "the default) or proportional (to the expert's relative over- or under-load)")
     group.add_argument('--pce-stages', type=int, nargs='*', default=None, help='stages whose convs are PCE')
     group.add_argument('--patch-size', type=int, default=None)
     group.add_argument('--attention', type=_bool, nargs='?', const=True, default=None)
