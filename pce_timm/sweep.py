@@ -87,7 +87,7 @@ class SweepConfig:
 
 _KEYS = {'recipe', 'seeds', 'cells', 'val_fraction', 'test', 'launcher', 'options'}
 CELL_KEYS = {'name', 'kind', 'options'}
-TEMPLATE_FIELDS = {'seed': 0, 'runs': 'runs'}  # what a cell's string options may name (see run_recipe)
+TEMPLATE_FIELDS = {'seed': 0, 'runs': 'runs'}  # what string options may name (see run_recipe)
 
 
 def load_sweep_config(path: os.PathLike) -> SweepConfig:
@@ -123,13 +123,7 @@ def load_sweep_config(path: os.PathLike) -> SweepConfig:
         if kind not in ('pce', 'dense'):
             raise SweepConfigError(f'{path}: cells[{i}] ({item["name"]}): kind must be pce or dense, got {kind!r}')
         options = dict(item.get('options') or {})
-        for key, value in options.items():
-            try:
-                _ = value.format(**TEMPLATE_FIELDS) if isinstance(value, str) else value
-            except (KeyError, IndexError, ValueError) as e:
-                raise SweepConfigError(
-                    f'{path}: cells[{i}] ({item["name"]}): option {key}: {value!r} is not a valid template '
-                    f'({type(e).__name__}: {e}); it may name {{seed}} and {{runs}} only') from None
+        _check_templates(options, f'{path}: cells[{i}] ({item["name"]})')
         cells.append(Cell(item['name'], kind, options))
     if not cells:
         raise SweepConfigError(f'{path}: cells is empty')
@@ -141,9 +135,24 @@ def load_sweep_config(path: os.PathLike) -> SweepConfig:
     val_fraction = raw.get('val_fraction', 0.1)
     if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction <= 0.5:
         raise SweepConfigError(f'{path}: val_fraction must be in (0, 0.5], got {val_fraction!r}')
+    options = dict(raw.get('options') or {})
+    _check_templates(options, f'{path}: options')
     return SweepConfig(path, recipe, tuple(seeds), tuple(cells), float(val_fraction), test.get('split', 'test'),
-                       int(test.get('batch_size', 500)), tuple(str(a) for a in raw.get('launcher') or ()),
-                       dict(raw.get('options') or {}))
+                       int(test.get('batch_size', 500)), tuple(str(a) for a in raw.get('launcher') or ()), options)
+
+
+def _fill_templates(options: Dict[str, Any], fields: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` with ``{seed}`` / ``{runs}`` in its string values filled from ``fields`` (see run_recipe)."""
+    return {k: v.format(**fields) if isinstance(v, str) else v for k, v in options.items()}
+
+
+def _check_templates(options: Dict[str, Any], where: str) -> None:
+    for key, value in options.items():
+        try:
+            _fill_templates({key: value}, TEMPLATE_FIELDS)
+        except (KeyError, IndexError, ValueError) as e:
+            raise SweepConfigError(f'{where}: option {key}: {value!r} is not a valid template ({type(e).__name__}: '
+                                   f'{e}); it may name {{seed}} and {{runs}} only') from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,7 +170,7 @@ def run_recipe(cfg: SweepConfig, cell: Cell, seed: int, output_dir: Path) -> Dic
     """
     recipe = yaml.safe_load(cfg.recipe.read_text()) or {}
     fields = {'seed': seed, 'runs': str(Path(output_dir).resolve() / 'runs')}
-    options = {k: v.format(**fields) if isinstance(v, str) else v for k, v in {**cfg.options, **cell.options}.items()}
+    options = _fill_templates({**cfg.options, **cell.options}, fields)
     return {**recipe, **options, 'seed': seed, 'val_fraction': cfg.val_fraction, 'eval_split': 'test'}
 
 

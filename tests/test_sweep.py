@@ -151,6 +151,7 @@ def test_a_failed_run_stops_the_sweep_naming_its_log(tmp_path, capsys):
     ({'val_fraction': 0.9}, r'val_fraction must be in \(0, 0.5\]'),
     ({'grid': {}}, r"unknown keys \['grid'\]"),
     ({'cells': [{'name': 'up', 'options': {'model': '{runs}/dense/seed_{sed}'}}]}, r'not a valid template.*sed'),
+    ({'options': {'model': '{runs}/{sed}'}}, r'options: option model.*not a valid template.*sed'),
 ])
 def test_bad_sweep_configs_are_clear_errors(tmp_path, changes, message, capsys):
     path = _write_config(tmp_path, **changes)
