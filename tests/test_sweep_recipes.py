@@ -123,7 +123,7 @@ def test_the_grid_is_the_fashion_mnist_campaigns(dataset):
     cfg = load_sweep_config(SWEEPS / HUB_LAYOUTS[dataset][0])
     names = [c.name for c in cfg.cells]
     assert names == [c.name for c in load_sweep_config(SWEEPS / 'fmnist_factors.yaml').cells]
-    assert len(names) == 15 and names[0] == 'dense' and cfg.cells[0].kind == 'dense'
+    assert len(names) == 16 and names[0] == 'dense' and cfg.cells[0].kind == 'dense'
     assert cfg.cells[0].options == {'pce_stages': []} and all(c.kind == 'pce' for c in cfg.cells[1:])
     assert cfg.seeds == (0, 1, 2) and cfg.val_fraction == 0.1 and cfg.test_split == 'test'
     assert cfg.launcher[:2] == ('accelerate', 'launch') and '--num_processes' in cfg.launcher
