@@ -1,6 +1,6 @@
 """Sweeps: a grid of training recipes (cells) x seeds, each an ordinary ``scripts/train.py`` run, summarised.
 
-    python scripts/sweep.py --config scripts/configs/sweeps/fmnist_quick.yaml --output-dir runs/sweeps/fmnist
+    python scripts/sweep.py --config scripts/configs/sweeps/fmnist_factors.yaml --output-dir runs/sweeps/fmnist
 
 A sweep config (YAML)::
 
@@ -25,7 +25,8 @@ resumes from its checkpoint (``--resume auto``). A failed run stops the sweep wi
 the same command to go on.
 
 Outputs: ``summary.json`` (``cells``: name, kind, options, values (test top-1 per seed), val_values, mean, std,
-seeds, val_mean, val_std, train_time_s, params, gmacs, imbalance; ``selection``), ``summary.md`` and
+seeds, val_mean, val_std, train_time_s, starts_from, total_train_time_s (with the runs it starts from), params,
+gmacs, imbalance; ``selection``), ``summary.md`` and
 ``summary.png`` (top-1 with error bars per cell; test top-1 vs train time).
 """
 import json
@@ -258,6 +259,12 @@ def summarize(cfg: SweepConfig, output_dir: os.PathLike) -> Dict[str, Any]:
     """Read every finished run, write summary.json / summary.md / summary.png, return the summary."""
     output_dir = Path(output_dir)
     cells = [_cell_summary(cfg, output_dir, cell) for cell in cfg.cells]
+    by_name = {c['name']: c for c in cells}
+    for cell, entry in zip(cfg.cells, cells, strict=True):  # a cell started from another costs its runs too
+        source = source_cell(cfg, cell)
+        entry['starts_from'] = source.name if source else None
+        own, before = entry['train_time_s'], by_name[source.name]['train_time_s'] if source else 0.0
+        entry['total_train_time_s'] = own + before if own is not None and before is not None else None
     summary = {'config': str(cfg.path), 'recipe': str(cfg.recipe), 'seeds': list(cfg.seeds),
                'val_fraction': cfg.val_fraction, 'test_split': cfg.test_split, 'cells': cells,
                'selection': select(cells)}
@@ -291,6 +298,15 @@ def _cell_summary(cfg: SweepConfig, output_dir: Path, cell: Cell) -> Dict[str, A
         'train_time_s': statistics.fmean(times) if times else None, 'params': params, 'gmacs': gmacs,
         'imbalance': statistics.fmean(imbalances) if imbalances else None,
     }
+
+
+def source_cell(cfg: SweepConfig, cell: Cell) -> Optional[Cell]:
+    """The cell whose runs ``cell`` starts from (a string option ``'{runs}/<folder>/...'``), or None."""
+    for value in cell.options.values():
+        if isinstance(value, str) and value.startswith('{runs}/'):
+            folder = value[len('{runs}/'):].split('/')[0]
+            return next((c for c in cfg.cells if c.folder == folder), None)
+    return None
 
 
 def _completed_eval(path: Path) -> Optional[Dict[str, Any]]:
@@ -337,7 +353,8 @@ def select(cells: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
                                              'train time'}
     if dense is not None:
         gain = best['mean'] - dense['mean']
-        time_ratio = best['train_time_s'] / dense['train_time_s'] if dense['train_time_s'] else None
+        total, dense_time = best['total_train_time_s'], dense['train_time_s']
+        time_ratio = total / dense_time if total is not None and dense_time else None
         selection.update(baseline=dense['name'], test_gain=gain, time_ratio=time_ratio,
                          goal_met=bool(gain >= GOAL_POINTS and time_ratio is not None and time_ratio <= GOAL_TIME))
     return selection
@@ -356,8 +373,10 @@ def format_summary(summary: Dict[str, Any]) -> str:
     for c in cells:
         gain = '-' if dense is None or c['mean'] is None else f'{c["mean"] - dense["mean"]:+.2f}'
         time = '-' if c['train_time_s'] is None else f'{c["train_time_s"]:.0f}'
-        if dense is not None and c['train_time_s'] is not None:
-            time += f' ({c["train_time_s"] / dense["train_time_s"]:.2f}x)'
+        if c['starts_from'] and c['total_train_time_s'] is not None:
+            time = f'{c["total_train_time_s"] - c["train_time_s"]:.0f} + {time}'  # the source run, then this one
+        if dense is not None and c['total_train_time_s'] is not None:
+            time += f' ({c["total_train_time_s"] / dense["train_time_s"]:.2f}x)'
         rows.append([c['name'], c['kind'], str(len(c['seeds'])), _pm(c['val_mean'], c['val_std']),
                      _pm(c['mean'], c['std']), gain, time, '-' if c['params'] is None else f'{c["params"]:,}',
                      '-' if c['gmacs'] is None else f'{c["gmacs"]:.4f}',
@@ -376,7 +395,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
                         f'time; goal ({s["goal"]}) {"met" if s["goal_met"] else "not met"}.')
     return (f'{table}\n\nMean ± sample std over seeds; val = the {summary["val_fraction"]:.0%} of the training split '
             f'held out (selection reads only it), {summary["test_split"]} = reported only; train time = the whole '
-            f'run (training + per-epoch eval), mean over seeds; imbalance = busiest / least used expert, the largest '
+            f'run (training + per-epoch eval), mean over seeds, a + b for a cell that starts from another cell\'s runs '
+            f'(a: those runs; the ratio to dense counts both); imbalance = busiest / least used expert, the largest '
             f'over the PCE layers, mean over seeds.\n\n{verdict}\n')
 
 
@@ -398,11 +418,11 @@ def plot_summary(summary: Dict[str, Any], path: Path) -> None:
     left.legend()
     left.set_title('top-1 per cell (mean ± std over seeds)')
     for c in cells:
-        right.errorbar(c['train_time_s'], c['mean'], yerr=c['std'] or 0, fmt='s' if c['kind'] == 'dense' else 'o',
+        right.errorbar(c['total_train_time_s'], c['mean'], yerr=c['std'] or 0, fmt='s' if c['kind'] == 'dense' else 'o',
                        capsize=3)
-        right.annotate(c['name'], (c['train_time_s'], c['mean']), textcoords='offset points', xytext=(4, 4),
+        right.annotate(c['name'], (c['total_train_time_s'], c['mean']), textcoords='offset points', xytext=(4, 4),
                        fontsize=8)
-    right.set_xlabel('train time per run (s)')
+    right.set_xlabel('train time per run (s; with the runs a cell starts from)')
     right.set_ylabel(f'{summary["test_split"]} top-1 %')
     right.set_title('accuracy vs cost')
     fig.tight_layout()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a sweep: a grid of training recipes x seeds (scripts/train.py runs), selected on validation, summarised.
 
-    python scripts/sweep.py --config scripts/configs/sweeps/fmnist_quick.yaml --output-dir runs/sweeps/fmnist
+    python scripts/sweep.py --config scripts/configs/sweeps/fmnist_factors.yaml --output-dir runs/sweeps/fmnist
     python scripts/sweep.py --config ... --output-dir ... --summary-only     # rebuild summary.* from the runs
     python scripts/sweep.py --config ... --output-dir ... --cells dense 'pce base'   # only these cells
 

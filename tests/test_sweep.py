@@ -105,10 +105,17 @@ def test_a_cell_starts_from_another_cells_run_of_the_same_seed(tmp_path):
     runner = FakeRunner()
     NUMBERS['upcycled'] = NUMBERS['pce']
     try:
-        run_sweep(load_sweep_config(_write_config(tmp_path, cells=cells)), tmp_path / 'out', runner=runner,
-                  progress=False)
+        summary = run_sweep(load_sweep_config(_write_config(tmp_path, cells=cells)), tmp_path / 'out', runner=runner,
+                            progress=False)
     finally:
         del NUMBERS['upcycled']
+    dense, upcycled = summary['cells']
+    assert dense['starts_from'] is None and dense['total_train_time_s'] == dense['train_time_s'] == 10.0
+    # the upcycled runs cost the dense runs too: the goal's time ratio counts both
+    assert upcycled['starts_from'] == 'dense' and upcycled['total_train_time_s'] == 10.0 + 12.0
+    assert summary['selection']['time_ratio'] == pytest.approx(2.2)
+    assert '| upcycled | pce | 2 |' in (tmp_path / 'out' / 'summary.md').read_text()
+    assert '| 10 + 12 (2.20x) |' in (tmp_path / 'out' / 'summary.md').read_text()
     runs = (tmp_path / 'out' / 'runs').resolve()
     for seed in (0, 1):
         recipe = yaml.safe_load((runs / 'upcycled' / f'seed_{seed}.yaml').read_text())
