@@ -123,12 +123,15 @@ def test_the_grid_is_the_fashion_mnist_campaigns(dataset):
     cfg = load_sweep_config(SWEEPS / HUB_LAYOUTS[dataset][0])
     names = [c.name for c in cfg.cells]
     assert names == [c.name for c in load_sweep_config(SWEEPS / 'fmnist_factors.yaml').cells]
-    assert len(names) == 16 and names[0] == 'dense' and cfg.cells[0].kind == 'dense'
-    assert cfg.cells[0].options == {'pce_stages': []} and all(c.kind == 'pce' for c in cfg.cells[1:])
+    assert len(names) == 17 and names[0] == 'dense' and cfg.cells[0].kind == 'dense'
+    assert cfg.cells[0].options == {'pce_stages': []}
+    assert [c.name for c in cfg.cells if c.kind == 'dense'] == ['dense', 'dense continued']
     assert cfg.seeds == (0, 1, 2) and cfg.val_fraction == 0.1 and cfg.test_split == 'test'
     assert cfg.launcher[:2] == ('accelerate', 'launch') and '--num_processes' in cfg.launcher
     upcycled = next(c for c in cfg.cells if c.name == 'upcycled from dense')
     assert upcycled.options == {'model': '{runs}/dense/seed_{seed}'}
+    continued = next(c for c in cfg.cells if c.name == 'dense continued')  # the upcycled cell's control
+    assert continued.options == {'pce_stages': [], 'model': '{runs}/dense/seed_{seed}'}
     recipe = yaml.safe_load(cfg.recipe.read_text())
     assert recipe['dataset'] == dataset and recipe['stem_type'] == 'cifar' and recipe['pce_stages'] == [1, 2]
     for cell in cfg.cells:  # cells that set their own phases keep the recipe's epochs per phase
