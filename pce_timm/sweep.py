@@ -265,13 +265,21 @@ def summarize(cfg: SweepConfig, output_dir: os.PathLike) -> Dict[str, Any]:
         entry['starts_from'] = source.name if source else None
         own, before = entry['train_time_s'], by_name[source.name]['train_time_s'] if source else 0.0
         entry['total_train_time_s'] = own + before if own is not None and before is not None else None
-    summary = {'config': str(cfg.path), 'recipe': str(cfg.recipe), 'seeds': list(cfg.seeds),
+    summary = {'config': _repo_path(cfg.path), 'recipe': _repo_path(cfg.recipe), 'seeds': list(cfg.seeds),
                'val_fraction': cfg.val_fraction, 'test_split': cfg.test_split, 'cells': cells,
                'selection': select(cells)}
     write_file_atomic(output_dir / 'summary.json', json.dumps(summary, indent=2) + '\n')
     write_file_atomic(output_dir / 'summary.md', format_summary(summary))
     plot_summary(summary, output_dir / 'summary.png')
     return summary
+
+
+def _repo_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (a summary reads the same on every machine)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _cell_summary(cfg: SweepConfig, output_dir: Path, cell: Cell) -> Dict[str, Any]:

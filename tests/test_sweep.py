@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pce_timm.sweep import SweepConfigError, SweepError, load_sweep_config, run_sweep
+from pce_timm.sweep import SweepConfigError, SweepError, _repo_path, load_sweep_config, run_sweep
 from pce_timm.utils import load_module_from_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +81,8 @@ def test_sweep_selects_on_validation_reports_test_and_resumes(tmp_path):
     assert selection['test_gain'] == pytest.approx(89.3 - 89.3) and selection['time_ratio'] == pytest.approx(1.2)
     assert selection['goal_met'] is False
     assert json.loads((tmp_path / 'out' / 'summary.json').read_text()) == json.loads(json.dumps(summary))
+    assert summary['config'] == str(tmp_path / 'sweep.yaml')  # outside the repository: as given
+    assert _repo_path(ROOT / 'scripts' / 'configs' / 'demo_fmnist.yaml') == 'scripts/configs/demo_fmnist.yaml'
     table = (tmp_path / 'out' / 'summary.md').read_text()
     assert '| pce wide | pce | 2 | 90.70 ± 0.14 | 92.10 ± 0.14 | +2.80 | 12 (1.20x) |' in table
     assert 'Selected on validation: **pce**' in table and 'not met' in table
