@@ -348,24 +348,42 @@ def model_gmacs(model_dir: Path) -> Optional[float]:
 
 
 def select(cells: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """The PCE cell with the best mean validation top-1 (test numbers play no part), against the first dense
-    cell, and whether it meets the campaign goal (test >= dense + 0.3 points at <= 1.25x its train time)."""
+    """The campaign's choice, made on validation only (test numbers play no part).
+
+    ``selected``: the PCE cell with the best mean validation top-1 among those that train within the goal's time
+    budget (<= 1.25x the first dense cell's train time, counting the runs a cell starts from), checked against the
+    goal (test >= dense + 0.3 points); ``best_val``: the best on validation at any cost, with its numbers.
+    """
     done = [c for c in cells if c['seeds']]
     pce = [c for c in done if c['kind'] == 'pce']
     dense = next((c for c in done if c['kind'] == 'dense'), None)
+    goal = f'test top-1 >= dense + {GOAL_POINTS} points at <= {GOAL_TIME}x its train time'
     if not pce:
-        return {'selected': None, 'baseline': dense and dense['name'], 'reason': 'no finished PCE cell'}
+        return {'selected': None, 'baseline': dense and dense['name'], 'goal': goal, 'reason': 'no finished PCE cell'}
+
+    def against_dense(cell: Dict[str, Any]) -> Dict[str, Any]:
+        numbers = {'val_mean': cell['val_mean'], 'test_mean': cell['mean']}
+        if dense is not None:
+            total, dense_time = cell['total_train_time_s'], dense['train_time_s']
+            numbers.update(test_gain=cell['mean'] - dense['mean'],
+                           time_ratio=total / dense_time if total is not None and dense_time else None)
+        return numbers
+
     best = max(pce, key=lambda c: c['val_mean'])
-    selection = {'selected': best['name'], 'by': 'val_mean', 'val_mean': best['val_mean'], 'test_mean': best['mean'],
-                 'baseline': None, 'goal': f'test top-1 >= dense + {GOAL_POINTS} points at <= {GOAL_TIME}x its '
-                                             'train time'}
-    if dense is not None:
-        gain = best['mean'] - dense['mean']
-        total, dense_time = best['total_train_time_s'], dense['train_time_s']
-        time_ratio = total / dense_time if total is not None and dense_time else None
-        selection.update(baseline=dense['name'], test_gain=gain, time_ratio=time_ratio,
-                         goal_met=bool(gain >= GOAL_POINTS and time_ratio is not None and time_ratio <= GOAL_TIME))
-    return selection
+    selection = {'by': 'val_mean', 'goal': goal, 'baseline': dense and dense['name'],
+                 'best_val': {'name': best['name'], **against_dense(best)}}
+    within = [c for c in pce if dense is None or _within_budget(against_dense(c).get('time_ratio'))]
+    if not within:
+        return {**selection, 'selected': None, 'goal_met': False,
+                'reason': f'no PCE cell trains within {GOAL_TIME}x the dense train time'}
+    chosen = max(within, key=lambda c: c['val_mean'])
+    numbers = against_dense(chosen)
+    goal_met = dense is not None and numbers['test_gain'] >= GOAL_POINTS
+    return {**selection, 'selected': chosen['name'], **numbers, 'goal_met': bool(goal_met)}
+
+
+def _within_budget(time_ratio: Optional[float]) -> bool:
+    return time_ratio is not None and time_ratio <= GOAL_TIME
 
 
 def _pm(mean: Optional[float], std: Optional[float]) -> str:
@@ -393,14 +411,20 @@ def format_summary(summary: Dict[str, Any]) -> str:
         ['cell', 'kind', 'seeds', 'val top-1 %', f'{summary["test_split"]} top-1 %', 'vs dense', 'train time s',
          'params', 'GMACs', 'imbalance'], rows, '<<>>>>>>>>')
     s = summary['selection']
+    split = summary['test_split']
     if s.get('selected') is None:
         verdict = f'No selection: {s.get("reason")}.'
     else:
-        verdict = (f'Selected on validation: **{s["selected"]}** (val {s["val_mean"]:.2f}, '
-                   f'{summary["test_split"]} {s["test_mean"]:.2f}).')
+        verdict = (f'Selected on validation among the PCE cells within {GOAL_TIME}x the dense train time: '
+                   f'**{s["selected"]}** (val {s["val_mean"]:.2f}, {split} {s["test_mean"]:.2f}).')
         if s.get('baseline'):
             verdict += (f' Against {s["baseline"]}: {s["test_gain"]:+.2f} points at {s["time_ratio"]:.2f}x the train '
                         f'time; goal ({s["goal"]}) {"met" if s["goal_met"] else "not met"}.')
+    best = s.get('best_val')
+    if best and best['name'] != s.get('selected'):
+        ratio = f', {best["time_ratio"]:.2f}x the dense train time' if best.get('time_ratio') else ''
+        verdict += (f' Best on validation at any cost: {best["name"]} (val {best["val_mean"]:.2f}, {split} '
+                    f'{best["test_mean"]:.2f}{ratio}).')
     return (f'{table}\n\nMean ± sample std over seeds; val = the {summary["val_fraction"]:.0%} of the training split '
             f'held out (selection reads only it), {summary["test_split"]} = reported only; train time = the whole '
             f'run (training + per-epoch eval), mean over seeds, a + b for a cell that starts from another cell\'s runs '
