@@ -441,6 +441,43 @@ def test_card_data_needs_a_command_for_every_number(tmp_path):
         card_data.load_entries([_family(tmp_path, typo)])
 
 
+def _unmeasured(data):
+    """The example entry as a recipe that has not run yet: no numbers, no training command."""
+    entry = data['models'][0]
+    for key in ('params_m', 'gmacs'):
+        entry.pop(key)
+    for key in ('top1', 'top5', 'img_size', 'routing'):
+        entry['results'][0].pop(key)
+    entry['training'].pop('command')
+
+
+def test_an_entry_without_numbers_is_not_measured_yet_until_they_are_written(tmp_path):
+    path = _family(tmp_path, _unmeasured)
+    assert card_data.load_entries([path]) == []  # checked, but in no table and no card
+    assert render.render_model_table(card_data.load_entries([path])) == '_No released models yet._'
+    measured = card_data.Measured
+    numbers = card_data.CardNumbers(
+        name='test_resnet.example_in1k', baseline=False, params_m=measured(0.47, 'python p'),
+        gmacs=measured(0.1, 'python g'), top1=measured(60.5, 'python e'), top5=measured(82.0, 'python e'),
+        img_size=160, train_command='python scripts/train.py', train_time='1.0 min')
+    card_data.update_measured(path, [numbers])
+    [entry] = card_data.load_entries([path])
+    assert entry.params_m.value == 0.47 and entry.results[0].top1.value == 60.5 and entry.results[0].img_size == 160
+    assert entry.training['command'] == 'python scripts/train.py'
+
+    def half_measured(data):
+        _unmeasured(data)
+        data['models'][0]['params_m'] = {'value': 0.47, 'command': 'python p'}
+    with pytest.raises(card_data.CardDataError, match=r'models\[0\]: missing field\(s\) gmacs'):
+        card_data.load_entries([_family(tmp_path, half_measured)])
+
+    def typo(data):
+        _unmeasured(data)
+        data['models'][0]['sumary'] = data['models'][0].pop('summary')
+    with pytest.raises(card_data.CardDataError, match='unknown field.*sumary'):
+        card_data.load_entries([_family(tmp_path, typo)])
+
+
 def test_readme_table_check_and_write(tmp_path, capsys):
     figure = tmp_path / 'routing.png'
     figure.write_bytes(b'\x89PNG\r\n\x1a\n')

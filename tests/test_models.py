@@ -17,6 +17,7 @@ from timm.models import get_model_args, group_parameters, save_for_hf
 
 from pce_timm.layers import PCEConv2d
 from pce_timm.models import PCE_HUB_ORG, checkpoint_filter_fn, hub_id, upcycle_dense_state_dict
+from pce_timm.models.pce_vit_hybrid import TAG_ARCH_ARGS
 
 PCE_MODELS = timm.list_models('pce_*')
 RESNET_MODELS = timm.list_models('pce_resnet*')
@@ -54,9 +55,9 @@ def _pce_layers(model: nn.Module):
 def test_registry():
     assert set(PCE_MODELS) == {
         'pce_resnet18', 'pce_resnet34', 'pce_resnet50', 'pce_resnet18_e8', 'pce_resnet34_e8', 'pce_resnet50_e8',
-        'pce_vit_hybrid_small_r18', 'pce_vit_hybrid_base_r50'}
-    # the one tag with weights (made by `make release`); every bare name keeps its untrained default cfg
-    assert timm.list_pretrained('pce_*') == ['pce_resnet18.fmnist']
+        'pce_vit_hybrid_tiny_d4_r18', 'pce_vit_hybrid_small_r18', 'pce_vit_hybrid_base_r50'}
+    # the tags with weights (made by `make release`); every bare name keeps its untrained default cfg
+    assert timm.list_pretrained('pce_*') == ['pce_resnet18.fmnist', 'pce_vit_hybrid_tiny_d4_r18.fmnist']
     for name in PCE_MODELS:
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg.tag == 'untrained' and not cfg.has_weights and cfg.license and cfg.first_conv and cfg.classifier
@@ -64,6 +65,28 @@ def test_registry():
     assert fmnist.hf_hub_id == hub_id('pce_resnet18.fmnist') == f'{PCE_HUB_ORG}/pce_resnet18.fmnist'
     assert fmnist.num_classes == 10 and fmnist.input_size == (1, 28, 28) and len(fmnist.mean) == len(fmnist.std) == 1
     assert len(fmnist.label_names) == 10 and fmnist.crop_pct == 1.0
+    vit = timm.models.get_pretrained_cfg('pce_vit_hybrid_tiny_d4_r18.fmnist')
+    assert vit.hf_hub_id == hub_id('pce_vit_hybrid_tiny_d4_r18.fmnist') and vit.input_size == fmnist.input_size
+    assert (vit.mean, vit.std, vit.num_classes, vit.label_names) == (fmnist.mean, fmnist.std, 10, fmnist.label_names)
+
+
+def test_the_fmnist_hybrid_tag_builds_its_architecture():
+    """pce_vit_hybrid_tiny_d4_r18.fmnist: 1 channel, 10 classes, a 7x7 token grid at 28 px, a 4x4 routing grid in
+    both PCE stages; its dense baseline (pce_stages=()) builds, and kwargs that contradict the tag raise."""
+    model = timm.create_model('pce_vit_hybrid_tiny_d4_r18.fmnist').eval()
+    assert (model.embed_dim, len(model.blocks), model.num_classes) == (192, 4, 10)
+    assert model.patch_embed.grid_size == (7, 7) and model.pos_embed.shape == (1, 1 + 49, 192)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    layers = dict(_pce_layers(model))
+    assert sorted({name.split('.')[2] for name in layers}) == ['layer2', 'layer3']  # CNN stages 1 and 2
+    assert all(layer.last_grid_size == (4, 4) for layer in layers.values())
+    assert get_model_args(model)['channels'] == (16, 32, 64, 128) and get_model_args(model)['in_chans'] == 1
+    args = dict(TAG_ARCH_ARGS['pce_vit_hybrid_tiny_d4_r18.fmnist'], in_chans=1, num_classes=10)
+    dense = timm.create_model('pce_vit_hybrid_tiny_d4_r18', **dict(args, pce_stages=()))
+    assert not _pce_layers(dense) and dense.pos_embed.shape == model.pos_embed.shape
+    with pytest.raises(ValueError, match=r'pce_vit_hybrid_tiny_d4_r18\.fmnist is a fixed architecture.*pce_stages='):
+        timm.create_model('pce_vit_hybrid_tiny_d4_r18.fmnist', pce_stages=())
 
 
 @pytest.mark.parametrize('model_name', RESNET_MODELS)  # the hybrids' feature pyramid: test_models_vit_hybrid_features

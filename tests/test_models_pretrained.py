@@ -60,7 +60,8 @@ def test_the_bare_name_loads_the_best_release(tmp_path, offline_cache):
 
 def test_an_architecture_without_released_weights_says_what_exists(offline_cache):
     with pytest.raises(NoReleasedWeightsError, match=r'pce_resnet34 has no released weights yet \(released: '
-                                                     r'pce_resnet18\.fmnist\)\. Build it untrained with pretrained='):
+                                                     r'pce_resnet18\.fmnist, pce_vit_hybrid_tiny_d4_r18\.fmnist\)\. '
+                                                     r'Build it untrained with pretrained='):
         timm.create_model('pce_resnet34', pretrained=True)
     with pytest.raises(NoReleasedWeightsError, match='pce_vit_hybrid_small_r18 has no released weights yet'):
         timm.create_model('pce_vit_hybrid_small_r18', pretrained=True)

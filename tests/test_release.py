@@ -1,12 +1,14 @@
-"""`make release` plumbing (scripts/make_release.py) on a tiny run, and the pretrained tag it produces.
+"""`make release` plumbing (scripts/make_release.py) on a tiny run, and the pretrained tags it produces.
 
-One module-scoped make_release run (a few steps on slices of Fashion-MNIST, the release recipe's architecture)
-writes into tmp folders and a tmp HF cache; the tests then load `pce_resnet18.fmnist` offline from that cache
-(timm.create_model by tag and by hf-hub:, torch.hub), fine-tune it, and check refusals: an existing good
-release without --overwrite, truncated and mismatched weight files, and missing weights.
+One module-scoped make_release run (a few steps on slices of Fashion-MNIST, the release recipes' architectures:
+the PCE-ResNet, the PCE-ViT hybrid and their dense baselines) writes into tmp folders and a tmp HF cache; the
+tests then load `pce_resnet18.fmnist` and `pce_vit_hybrid_tiny_d4_r18.fmnist` offline from that cache
+(timm.create_model by tag and by hf-hub:, torch.hub), fine-tune one, and check refusals: an existing good
+release without --overwrite, truncated and mismatched weight files, missing weights, bad --recipe / --cards.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import yaml
 from huggingface_hub import constants
 
 from pce_timm.hub import MissingWeightsError, ReleaseError
-from pce_timm.models import PCE_HUB_ORG
+from pce_timm.models import PCE_HUB_ORG, pce_vit_hybrid
 from pce_timm.models.pce_resnet import TAG_ARCH_ARGS
 from pce_timm.release.verify import OfflineLoadError, verify_offline
 from pce_timm.utils import load_module_from_path
@@ -29,6 +31,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NAME = 'pce_resnet18.fmnist'
 REPO_ID = f'{PCE_HUB_ORG}/{NAME}'
 DENSE = 'resnet18_dense_baseline-fmnist'
+VIT = 'pce_vit_hybrid_tiny_d4_r18.fmnist'
+VIT_DENSE = 'vit_hybrid_tiny_d4_r18_dense_baseline-fmnist'
+CARD_FILES = ('pce_resnet.yaml', 'pce_vit_hybrid.yaml')
 TINY = ['--max-train-samples', '64', '--max-eval-samples', '50', '--batch-size', '32', '--epochs', '1',
         '--key-init-batches', '1', '--log-with', '--checkpoint-limit', '1']
 README = '# x\n\n<!-- model-table:start -->\nold\n<!-- model-table:end -->\n\nprose\n'
@@ -40,7 +45,7 @@ finetune = load_module_from_path(REPO_ROOT / 'scripts' / 'finetune.py', 'pce_fin
 
 def _argv(root: Path, *extra: str) -> list:
     return ['--runs-dir', str(root / 'runs'), '--releases-dir', str(root / 'releases'),
-            '--cards', str(root / 'cards' / 'pce_resnet.yaml'), '--readme', str(root / 'README.md'),
+            '--cards', str(root / 'cards'), '--readme', str(root / 'README.md'),
             '--cache-dir', str(root / 'hub'), '--no-verify', '--no-progress', *extra, '--', *TINY]
 
 
@@ -49,7 +54,8 @@ def released(tmp_path_factory):
     """One tiny `make release` into tmp folders + a tmp HF cache; returns the tmp root."""
     root = tmp_path_factory.mktemp('release')
     (root / 'cards').mkdir()
-    shutil.copy(REPO_ROOT / 'model_cards' / 'pce_resnet.yaml', root / 'cards' / 'pce_resnet.yaml')
+    for name in CARD_FILES:
+        shutil.copy(REPO_ROOT / 'model_cards' / name, root / 'cards' / name)
     (root / 'README.md').write_text(README)
     assert make_release.main(_argv(root)) == 0
     return root
@@ -183,8 +189,7 @@ def test_truncated_cached_weights_are_named(released, tmp_path, monkeypatch):
 def test_truncated_or_mismatched_run_weights_are_refused(released, tmp_path, capsys):
     root = tmp_path / 'r'
     shutil.copytree(released / 'runs', root / 'runs')
-    (root / 'cards').mkdir()
-    shutil.copy(released / 'cards' / 'pce_resnet.yaml', root / 'cards' / 'pce_resnet.yaml')
+    shutil.copytree(released / 'cards', root / 'cards')
     (root / 'README.md').write_text(README)
     weights = root / 'runs' / NAME / 'model' / 'model.safetensors'
     good = weights.read_bytes()
@@ -220,6 +225,55 @@ def test_tag_arch_args_conflicts_raise():
     model = timm.create_model(NAME, channels=[16, 32, 64, 128], patch_size=(2, 2, 2, 2), drop_path_rate=0.1)
     assert model.num_classes == 10 and model.conv1.in_channels == 1
     assert timm.create_model('pce_resnet18').num_classes == 1000  # the bare name keeps the untrained default
+
+
+def test_the_hybrid_release_and_its_dense_baseline(released, offline_cache):
+    """The PCE-ViT hybrid's release: the tag's architecture, its card (filled from the not-measured-yet entry), the
+    README row, the offline load by tag / bare name / hf-hub:, and a dense baseline that is the same model minus PCE."""
+    release = released / 'releases' / VIT
+    config = json.loads((release / 'config.json').read_text())
+    assert config['architecture'] == 'pce_vit_hybrid_tiny_d4_r18' and config['num_classes'] == 10
+    args = pce_vit_hybrid.TAG_ARCH_ARGS[VIT]
+    assert {k: config['model_args'][k] for k in args} == json.loads(json.dumps({**args, 'img_size': (28, 28)}))
+    data = yaml.safe_load((released / 'cards' / 'pce_vit_hybrid.yaml').read_text())
+    entry = data['models'][0]
+    evaluation = json.loads((release / 'eval_results.json').read_text())
+    result = entry['results'][0]
+    assert result['top1']['value'] == round(evaluation['top1'], 2) and result['img_size'] == 28
+    assert 'pce_vit_hybrid_tiny_d4_r18_fmnist_release.yaml' in entry['training']['command']
+    dense_eval = json.loads((released / 'releases' / VIT_DENSE / 'eval_results.json').read_text())
+    assert entry['baseline']['top1']['value'] == round(dense_eval['top1'], 2)
+    card = (release / 'README.md').read_text()
+    assert f'# Model card for {VIT}' in card and VIT_DENSE in card and "convert('L')" in card
+    assert f'[{VIT}](https://huggingface.co/{PCE_HUB_ORG}/{VIT})' in (released / 'README.md').read_text()
+
+    expected = _released_weights(released, VIT)
+    model = timm.create_model(VIT, pretrained=True)
+    _assert_weights(model, expected)
+    _assert_weights(timm.create_model('pce_vit_hybrid_tiny_d4_r18', pretrained=True), expected)  # its best release
+    _assert_weights(timm.create_model(f'hf-hub:{PCE_HUB_ORG}/{VIT}', pretrained=True), expected)
+    assert model.pretrained_cfg['input_size'] == (1, 28, 28) and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+    dense_dir = released / 'releases' / VIT_DENSE
+    assert json.loads((dense_dir / 'config.json').read_text())['model_args']['pce_stages'] == []
+    assert not (released / 'hub' / f'models--{PCE_HUB_ORG}--{VIT_DENSE}').exists()
+    dense = _released_weights(released, VIT_DENSE)
+    _assert_weights(timm.create_model(f'local-dir:{dense_dir}', pretrained=True), dense)
+    # the same model minus PCE: outside the PCE blocks' first conv (experts + router vs conv1 + bn1) every tensor has
+    # the same name and shape
+    first_conv = re.compile(r'backbone\.layer[23]\.\d\.(conv1|bn1)\.')  # CNN stages 1-2 are timm's layer2 / layer3
+    outside = {k: v.shape for k, v in expected.items() if not first_conv.search(k)}
+    assert outside == {k: v.shape for k, v in dense.items() if not first_conv.search(k)}
+    assert any('experts' in k for k in expected) and not any('experts' in k for k in dense)
+
+def test_recipe_for_several_families_and_a_cards_file_are_refused(tmp_path, capsys):
+    root = tmp_path / 'r'
+    recipe = REPO_ROOT / 'scripts' / 'configs' / 'pce_resnet18_fmnist_release.yaml'
+    assert make_release.main(_argv(root, '--recipe', str(recipe), '--only', 'pce', 'vit-pce')) == 2
+    assert 'have different ones' in capsys.readouterr().err and not root.exists()
+    with pytest.raises(SystemExit) as info:
+        make_release.main(['--cards', str(REPO_ROOT / 'model_cards' / 'pce_resnet.yaml')])
+    assert info.value.code == 2 and 'takes the card folder' in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ __all__ = ['DEFAULT_PRETRAINED_TAGS', 'NoReleasedWeightsError', 'check_loaded_we
 # architecture -> the tag its bare name loads with pretrained=True: the best released weights of each
 DEFAULT_PRETRAINED_TAGS: Dict[str, str] = {
     'pce_resnet18': 'fmnist',
+    'pce_vit_hybrid_tiny_d4_r18': 'fmnist',
 }
 
 

@@ -655,8 +655,10 @@ def _comparable_arch_value(key: str, value: Any, num_stages: int = 4) -> Any:
     return value
 
 
-def _tag_arch_args(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """The :data:`TAG_ARCH_ARGS` of the requested tag (``kwargs['pretrained_cfg']`` when it is a tag name).
+def _tag_arch_args(variant: str, kwargs: Dict[str, Any],
+                   tag_arch_args: Optional[Mapping[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """The arch args of the requested tag (``kwargs['pretrained_cfg']`` when it is a tag name) in ``tag_arch_args``
+    (default :data:`TAG_ARCH_ARGS`; the hybrids pass their own table).
 
     Raises:
         ValueError: a kwarg contradicts the tag's architecture (its weights would not fit).
@@ -665,7 +667,7 @@ def _tag_arch_args(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     if not isinstance(tag, str):
         return {}  # None: the default tag; a cfg dict (hf-hub:, local-dir:) comes with its own model_args
     name = f'{variant}.{tag}'
-    tag_args = TAG_ARCH_ARGS.get(name, {})
+    tag_args = (TAG_ARCH_ARGS if tag_arch_args is None else tag_arch_args).get(name, {})
     conflicts = [
         f'{key}={kwargs[key]!r} (the tag has {value!r})' for key, value in tag_args.items()
         if key in kwargs and _comparable_arch_value(key, kwargs[key]) != _comparable_arch_value(key, value)]

@@ -11,7 +11,16 @@ as the earlier pixel default did). The PCE-ResNet arguments (``num_experts``, ``
 ``pce_stages``, ``patch_size``, ``patch_grid``, ``choice``, ``balance``, ...) go to the backbone, every other
 argument to the ViT.
 ``dynamic_img_size=True`` by default: the backbone takes any input size and the position embedding is resampled
-to its token grid.
+to its token grid. The backbone's stage widths ``channels`` go to the backbone too.
+
+Pretrained tags carry their architecture args (:data:`TAG_ARCH_ARGS`, as the PCE-ResNets'), applied whenever the
+tag is requested:
+
+- ``pce_vit_hybrid_tiny_d4_r18.fmnist``: Fashion-MNIST (10 classes, 1x28x28 grayscale, the dataset's mean 0.2860 /
+  std 0.3530), CIFAR stem, CNN stage widths (16, 32, 64), so 28 px give a 7x7 token grid; PCE in CNN stages 1 and 2
+  routing a 4x4 patch grid each, 4 experts, top-1 cosine routing, no attention. Trained by ``make release``
+  (scripts/make_release.py with scripts/configs/pce_vit_hybrid_tiny_d4_r18_fmnist_release.yaml); weights on the
+  Hub as ``pce-timm/pce_vit_hybrid_tiny_d4_r18.fmnist``; the bare name with ``pretrained=True`` loads it.
 
 The classification model's ``feature_info`` and ``forward_intermediates`` are the ViT's (its blocks, all at stride
 16), as for timm's own hybrids (smp's DPT takes them that way). ``features_only=True`` instead gives a feature
@@ -29,13 +38,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Format, HybridEmbed, nchw_to, to_2tuple
-from timm.models import FeatureInfo, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    FeatureInfo,
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    register_model,
+)
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import checkpoint_filter_fn
 
-from ._pretrained import default_pretrained_tag
+from pce_timm.data.registry import FASHION_MNIST_CLASSES
+
+from ._hub import hub_id
+from ._pretrained import check_loaded_weights, default_pretrained_tag
 from ._timm_compat import record_model_args
-from .pce_resnet import PCE_ARCH_ARGS, _explain_weights_error, pce_arch_args, pce_resnet18, pce_resnet50
+from .pce_resnet import (
+    PCE_ARCH_ARGS,
+    _comparable_arch_value,
+    _explain_weights_error,
+    _tag_arch_args,
+    pce_arch_args,
+    pce_resnet18,
+    pce_resnet50,
+)
 
 __all__ = ['PCEHybridEmbed', 'PCEVisionTransformer', 'PCEHybridFeatures']
 
@@ -43,6 +70,8 @@ __all__ = ['PCEHybridEmbed', 'PCEVisionTransformer', 'PCEHybridFeatures']
 # embeds the last one, features_only also returns the others
 BACKBONE_OUT_INDICES = (0, 1, 2, 3)
 BACKBONE_DEFAULTS = dict(pce_stages=(1, 2))
+# the backbone's arguments: the PCE-ResNet architecture args and its stage widths (no ViT argument has these names)
+BACKBONE_ARGS = (*PCE_ARCH_ARGS, 'channels')
 
 
 class PCEHybridEmbed(HybridEmbed):
@@ -208,8 +237,15 @@ def _create_pce_vit_hybrid(
         pretrained: bool = False,
         **kwargs: Any,
 ) -> PCEVisionTransformer:
-    default_pretrained_tag(variant, pretrained, kwargs)  # says so when the architecture has no released weights
-    backbone_args = pce_arch_args(**dict(BACKBONE_DEFAULTS, **{k: kwargs.pop(k) for k in PCE_ARCH_ARGS if k in kwargs}))
+    tag = default_pretrained_tag(variant, pretrained, kwargs)  # the bare name + pretrained: the best release
+    if tag is not None:
+        kwargs = dict(kwargs, pretrained_cfg=tag)
+    tag_args = _tag_arch_args(variant, kwargs, TAG_ARCH_ARGS)
+    kwargs = dict(kwargs, **tag_args)
+    kwargs.setdefault('in_chans', _cfg_in_chans(variant, kwargs.get('pretrained_cfg')))
+    backbone_kwargs = {k: kwargs.pop(k) for k in BACKBONE_ARGS if k in kwargs}
+    backbone_args = dict(pce_arch_args(**dict(BACKBONE_DEFAULTS, **backbone_kwargs)),
+                         **{k: v for k, v in backbone_kwargs.items() if k not in PCE_ARCH_ARGS})
     feature_cfg = dict(out_indices=3, feature_cls='getter')  # feature_cls='getter': timm's block features
     stem_args = {}
     if kwargs.get('features_only') and kwargs.get('feature_cls', PCEHybridFeatures) is PCEHybridFeatures:
@@ -221,7 +257,7 @@ def _create_pce_vit_hybrid(
                            output_stride=output_stride)
         stem_args = dict(output_stride=output_stride) if output_stride == 8 else {}
     backbone = backbone_fn(
-        in_chans=kwargs.get('in_chans', 3),
+        in_chans=kwargs['in_chans'],
         features_only=True,
         out_indices=BACKBONE_OUT_INDICES,
         feature_cls='list',  # a plain module list up to layer3: flat state-dict keys, scriptable
@@ -243,8 +279,24 @@ def _create_pce_vit_hybrid(
         if pretrained:
             _explain_weights_error(variant, kwargs, e)
         raise
-    record_model_args(model, **backbone_args)
+    record_model_args(model, **backbone_args, **{k: v for k, v in tag_args.items() if k not in BACKBONE_ARGS})
+    if pretrained and isinstance(kwargs.get('pretrained_cfg'), str):  # a registry tag (hf-hub: / local-dir: bring
+        check_loaded_weights(model, f'{variant}.{kwargs["pretrained_cfg"]}', kwargs.get('cache_dir'),  # their own)
+                             normalize=_comparable_arch_value)
     return model
+
+
+def _cfg_in_chans(variant: str, pretrained_cfg: Any) -> int:
+    """The input channels of the pretrained cfg ``create_model`` will use (a tag name, a cfg dict, or the default).
+
+    timm sets ``in_chans`` from it inside ``build_model_with_cfg``, after the backbone is built here.
+    """
+    if isinstance(pretrained_cfg, dict):
+        input_size = pretrained_cfg.get('input_size')
+    else:
+        cfg = get_pretrained_cfg(f'{variant}.{pretrained_cfg}' if isinstance(pretrained_cfg, str) else variant)
+        input_size = cfg.input_size if cfg is not None else None
+    return int(input_size[0]) if input_size else 3
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -258,11 +310,37 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
-# No weights are published yet: entries with weights get hf_hub_id=hub_id('<arch>.<tag>') (see ._hub).
+# The first tag of an architecture is its default. Tags with weights get hf_hub_id=hub_id('<arch>.<tag>') (see
+# ._hub) and an entry in TAG_ARCH_ARGS; a '*' keeps 'untrained' the default (the ImageNet-shaped architecture).
 default_cfgs = generate_default_cfgs({
+    # Fashion-MNIST as pce_timm.data feeds it: 1 grayscale channel, 28 px, the dataset's mean / std, no crop.
+    'pce_vit_hybrid_tiny_d4_r18.fmnist': _cfg(
+        hf_hub_id=hub_id('pce_vit_hybrid_tiny_d4_r18.fmnist'), num_classes=10, input_size=(1, 28, 28), crop_pct=1.0,
+        mean=(0.2860,), std=(0.3530,), label_names=FASHION_MNIST_CLASSES,
+        description='Fashion-MNIST classifier (pce_timm dataset fashion_mnist), trained by make release'),
+    'pce_vit_hybrid_tiny_d4_r18.untrained*': _cfg(),
     'pce_vit_hybrid_small_r18.untrained': _cfg(),
     'pce_vit_hybrid_base_r50.untrained': _cfg(),
 })
+
+# Architecture args of pretrained tags, applied when the tag is requested (as pce_resnet.TAG_ARCH_ARGS; a kwarg the
+# caller also passes must agree). Backbone args (BACKBONE_ARGS) go to the PCE-ResNet, the others to the ViT.
+TAG_ARCH_ARGS: Dict[str, Dict[str, Any]] = {
+    # 28 px: the CIFAR stem keeps stride 4 at layer3, so the ViT sees a 7x7 token grid; PCE in backbone stages 1
+    # and 2 (layer2 / layer3: 14 and 7 px maps) routes a 4x4 patch grid in each (4 px and 2 px patches).
+    'pce_vit_hybrid_tiny_d4_r18.fmnist': dict(
+        stem_type='cifar', channels=(16, 32, 64, 128), pce_stages=(1, 2), patch_grid=4,
+        num_experts=4, top_k=1, router='cosine', attention=False, img_size=28),
+}
+
+
+@register_model
+def pce_vit_hybrid_tiny_d4_r18(pretrained: bool = False, **kwargs: Any) -> PCEVisionTransformer:
+    """ViT-Ti's width (192, 3 heads) at a third of its depth (4 blocks) on PCE-ResNet-18 stages 0-2 (stride 16),
+    4 experts top-1. Small enough to train on a CPU: its ``.fmnist`` release trains in minutes on 2 cores."""
+    model_args = dict(embed_dim=192, depth=4, num_heads=3, dynamic_img_size=True)
+    return _create_pce_vit_hybrid(
+        'pce_vit_hybrid_tiny_d4_r18', pce_resnet18, pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

@@ -44,6 +44,11 @@ it carries the command that produced it. Schema (``example.yaml`` is a complete,
           top1: {value: ..., command: ...}        # on the first result's dataset / split / image size
           top5: {value: ..., command: ...}        # optional
 
+An entry (or a baseline section) without its numbers - no ``params_m`` and no ``gmacs`` (a baseline: nor
+``top1``), its results without ``top1`` / ``img_size``, its training without ``command`` - is *not measured yet*:
+a model whose release recipe exists but has not run. It is checked like any entry but left out of what is
+rendered (no README row, no Hub card, no baseline table) until ``make release`` writes its numbers in.
+
 The YAML files are data of the repository, not of the installed package: ``CARD_DIR`` is ``model_cards/`` of
 the checkout this package runs from. The release tools (``make release``, ``scripts/push_to_hub.py``) run from a
 checkout; elsewhere pass the YAML files explicitly (``--cards``).
@@ -69,6 +74,9 @@ _MODEL_KEYS = {
 _TRAINING_KEYS = {'dataset', 'dataset_name', 'recipe', 'command', 'time'}
 _BASELINE_KEYS = {'name', 'summary', 'params_m', 'gmacs', 'training', 'top1', 'top5', 'img_size'}
 _RESULT_KEYS = {'dataset', 'dataset_name', 'split', 'img_size', 'top1', 'top5', 'routing'}
+# what make release writes: without them an entry / a baseline is not measured yet (see the module docstring)
+_MEASURED_KEYS = {'params_m', 'gmacs'}
+_BASELINE_MEASURED_KEYS = {'params_m', 'gmacs', 'top1'}
 
 
 class CardDataError(ValueError):
@@ -159,7 +167,8 @@ def load_family(path: Path) -> List[ModelEntry]:
     if not isinstance(data['models'], list) or not data['models']:
         raise CardDataError(f'{where}: models: expected a non-empty list of model entries.')
     family = {k: v for k, v in data.items() if k != 'models'}
-    return [_model_entry(family, item, path, f'{where}: models[{i}]') for i, item in enumerate(data['models'])]
+    entries = [_model_entry(family, item, path, f'{where}: models[{i}]') for i, item in enumerate(data['models'])]
+    return [entry for entry in entries if entry is not None]
 
 
 def find_entry(entries: Sequence[ModelEntry], key: str) -> Optional[ModelEntry]:
@@ -167,7 +176,11 @@ def find_entry(entries: Sequence[ModelEntry], key: str) -> Optional[ModelEntry]:
     return next((e for e in entries if key in (e.repo_id, e.name)), None)
 
 
-def _model_entry(family: Dict[str, Any], item: Any, path: Path, where: str) -> ModelEntry:
+def _model_entry(family: Dict[str, Any], item: Any, path: Path, where: str) -> Optional[ModelEntry]:
+    """The checked entry; None when it is not measured yet (checked, but without the numbers' fields)."""
+    if isinstance(item, dict) and not _MEASURED_KEYS & set(item):
+        _check_unmeasured_entry(item, where)
+        return None
     _check_keys(item, _MODEL_KEYS, {'model', 'tag', 'summary', 'params_m', 'gmacs', 'training', 'results'}, where)
     name = f'{item["model"]}.{item["tag"]}'
     repo_id = item.get('repo_id') or (f'{family["hf_org"]}/{name}' if family.get('hf_org') else None)
@@ -194,7 +207,23 @@ def _model_entry(family: Dict[str, Any], item: Any, path: Path, where: str) -> M
     )
 
 
-def _baseline(item: Any, where: str) -> Baseline:
+def _check_unmeasured_entry(item: Dict[str, Any], where: str) -> None:
+    """An entry that is not measured yet has every field but the numbers (``make release`` writes those)."""
+    _check_keys(item, _MODEL_KEYS, {'model', 'tag', 'summary', 'training', 'results'}, where)
+    _check_keys(item['training'], _TRAINING_KEYS, {'dataset', 'recipe'}, f'{where}.training')
+    if not isinstance(item['results'], list) or not item['results']:
+        raise CardDataError(f'{where}.results: expected a non-empty list of results.')
+    for i, result in enumerate(item['results']):
+        _check_keys(result, _RESULT_KEYS, {'dataset', 'split'}, f'{where}.results[{i}]')
+    if 'baseline' in item:
+        _baseline(item['baseline'], f'{where}.baseline')
+
+
+def _baseline(item: Any, where: str) -> Optional[Baseline]:
+    """The checked baseline section; None when it is not measured yet."""
+    if isinstance(item, dict) and not _BASELINE_MEASURED_KEYS & set(item):
+        _check_keys(item, _BASELINE_KEYS, {'name', 'summary'}, where)
+        return None
     _check_keys(item, _BASELINE_KEYS, {'name', 'summary', 'params_m', 'gmacs', 'top1'}, where)
     training = item.get('training') or {}
     _check_keys(training, _TRAINING_KEYS, set(), f'{where}.training')

@@ -8,7 +8,7 @@ Per model of ``RELEASES``:
 2. measure: params, GMACs (torch's FlopCounterMode, one image), training time from the run's results.json;
    top-1 / top-5 and routing statistics by evaluating the final weights on the test split with this code (the
    same evaluation as scripts/evaluate.py, written to ``<run>/eval_results.json``).
-3. write the measured numbers into the card YAML (``cards.update_measured``; prose fields are kept).
+3. write the measured numbers into its family's card YAML (``cards.update_measured``; prose fields are kept).
 4. write the release folder ``releases/<name>`` (``pce_timm.hub.write_release``: config.json, model.safetensors,
    README.md rendered from the YAML, results.json, eval_results.json); an existing good release is only
    replaced with ``overwrite``.
@@ -16,7 +16,8 @@ Per model of ``RELEASES``:
    interpreter (:mod:`pce_timm.release.verify`) that the tag and ``hf-hub:`` load exactly the released weights.
 6. render the README model table if README.md has the table markers, else return it.
 
-Paths default to this checkout (the recipe, ``model_cards/`` and ``README.md`` are repository files).
+Each model has its recipe (``scripts/configs/*_release.yaml``) and its family's card file in ``model_cards/``. Paths
+default to this checkout (the recipes, ``model_cards/`` and ``README.md`` are repository files).
 """
 import json
 import os
@@ -47,13 +48,12 @@ from . import render
 from .cards import CARD_DIR, CardNumbers, Measured, default_card_files, find_entry, load_entries, update_measured
 
 __all__ = [
-    'DEFAULT_CARDS', 'DEFAULT_RECIPE', 'RELEASES', 'REPO_ROOT', 'ReleaseCheckFailed', 'ReleaseConfig', 'ReleaseRefused',
-    'ReleaseSpec', 'RunNumbers', 'make_release',
+    'RECIPE_DIR', 'RELEASES', 'REPO_ROOT', 'ReleaseCheckFailed', 'ReleaseConfig', 'ReleaseRefused', 'ReleaseSpec',
+    'RunNumbers', 'make_release',
 ]
 
 REPO_ROOT = CARD_DIR.parent  # the checkout this package runs from
-DEFAULT_RECIPE = REPO_ROOT / 'scripts' / 'configs' / 'pce_resnet18_fmnist_release.yaml'
-DEFAULT_CARDS = CARD_DIR / 'pce_resnet.yaml'
+RECIPE_DIR = REPO_ROOT / 'scripts' / 'configs'
 # The dense baseline is the same recipe with no PCE stage: timm BasicBlocks everywhere, same widths and stem.
 DENSE_ARGS = ('--pce-stages',)
 # config keys that do not change what a run trains (a completed run that differs only in these is reused)
@@ -70,6 +70,8 @@ class ReleaseSpec:
         key: the ``only`` selector.
         name: release folder name (and, for Hub models, the ``arch.tag`` registry name).
         hub: released as a registry tag on the Hub (installed into the HF cache); False: a folder only.
+        recipe: its training recipe (YAML).
+        cards: its family's card file name in the card folder (``model_cards/``).
         train_args: scripts/train.py args appended to the recipe.
         card_entry: the card entry (``model.tag``) its numbers go to; another entry's name makes this run that
             entry's dense baseline. Default: ``name``.
@@ -77,6 +79,8 @@ class ReleaseSpec:
     key: str
     name: str
     hub: bool
+    recipe: Path
+    cards: str
     train_args: Sequence[str] = ()
     card_entry: Optional[str] = None
 
@@ -89,13 +93,20 @@ class ReleaseSpec:
         return self.entry != self.name
 
 
+RESNET_RECIPE = RECIPE_DIR / 'pce_resnet18_fmnist_release.yaml'
+HYBRID_RECIPE = RECIPE_DIR / 'pce_vit_hybrid_tiny_d4_r18_fmnist_release.yaml'
 RELEASES = (
-    ReleaseSpec('pce', 'pce_resnet18.fmnist', hub=True),
+    ReleaseSpec('pce', 'pce_resnet18.fmnist', hub=True, recipe=RESNET_RECIPE, cards='pce_resnet.yaml'),
     # Not a zoo model: a dense ResNet-18 (no experts) that shows what PCE adds under the same recipe. Its folder
     # name says what it is; it is built by the pce_resnet18 entrypoint with pce_stages=[], recorded in its
     # config.json, and loads with timm.create_model('local-dir:releases/<name>', pretrained=True).
-    ReleaseSpec('dense', 'resnet18_dense_baseline-fmnist', hub=False, train_args=DENSE_ARGS,
-                card_entry='pce_resnet18.fmnist'),
+    ReleaseSpec('dense', 'resnet18_dense_baseline-fmnist', hub=False, recipe=RESNET_RECIPE, cards='pce_resnet.yaml',
+                train_args=DENSE_ARGS, card_entry='pce_resnet18.fmnist'),
+    ReleaseSpec('vit-pce', 'pce_vit_hybrid_tiny_d4_r18.fmnist', hub=True, recipe=HYBRID_RECIPE,
+                cards='pce_vit_hybrid.yaml'),
+    # the same ViT on a dense CNN stem (pce_stages=[]): a folder, like the dense ResNet
+    ReleaseSpec('vit-dense', 'vit_hybrid_tiny_d4_r18_dense_baseline-fmnist', hub=False, recipe=HYBRID_RECIPE,
+                cards='pce_vit_hybrid.yaml', train_args=DENSE_ARGS, card_entry='pce_vit_hybrid_tiny_d4_r18.fmnist'),
 )
 
 
@@ -104,10 +115,11 @@ class ReleaseConfig:
     """What ``make_release`` does and where (``scripts/make_release.py`` builds it from its options).
 
     Attributes:
-        recipe: training recipe (YAML).
+        recipe: a training recipe (YAML) for every selected release instead of each one's own; None: their own.
         only: keys of the ``RELEASES`` to make; None: all.
         runs_dir, releases_dir: training runs / release folders.
-        cards: the card YAML to update and render from.
+        cards: the card folder: each release's family YAML is updated there, and the README table rendered
+            from every YAML in it.
         readme: README whose model table is rewritten (only if it has the table markers).
         cache_dir: HF hub cache to install into; None: huggingface_hub's default.
         overwrite: replace existing good release folders.
@@ -118,11 +130,11 @@ class ReleaseConfig:
         train_only: only train (or resume) and report; no card, release or cache.
         train_extra: extra scripts/train.py arguments for every run.
     """
-    recipe: Path = DEFAULT_RECIPE
+    recipe: Optional[Path] = None
     only: Optional[Tuple[str, ...]] = None
     runs_dir: Path = REPO_ROOT / 'runs' / 'release'
     releases_dir: Path = REPO_ROOT / 'releases'
-    cards: Path = DEFAULT_CARDS
+    cards: Path = CARD_DIR
     readme: Path = REPO_ROOT / 'README.md'
     cache_dir: Optional[Path] = None
     overwrite: bool = False
@@ -158,13 +170,10 @@ class ReleaseCheckFailed(Exception):
 def make_release(cfg: ReleaseConfig) -> Dict[str, Path]:
     """All steps for the selected releases; returns ``{name: release folder}`` (empty with ``train_only``)."""
     specs = [s for s in RELEASES if cfg.only is None or s.key in cfg.only]
-    if not cfg.recipe.is_file():
-        raise ReleaseRefused(f'recipe {cfg.recipe} does not exist')
-    for spec in specs:  # refuse before hours of training, not after
-        check_replaceable(cfg.releases_dir / spec.name, cfg.overwrite)
+    check_inputs(specs, cfg)  # refuse before hours of training, not after
     measured = {}
     for i, spec in enumerate(specs, 1):
-        _banner(f'[{i}/{len(specs)}] {spec.name}: training (recipe {rel(cfg.recipe)})')
+        _banner(f'[{i}/{len(specs)}] {spec.name}: training (recipe {rel(recipe_of(spec, cfg))})')
         run_dir = train_run(spec, cfg)
         m = measured[spec.key] = measure(spec, run_dir, cfg)
         print(f'  {spec.name}: top-1 {m.card.top1.value:.2f}, top-5 {m.card.top5.value:.2f}, '
@@ -172,8 +181,9 @@ def make_release(cfg: ReleaseConfig) -> Dict[str, Path]:
               f'trained in {m.train_time_s / 60:.1f} min')
     if cfg.train_only:
         return {}
-    _banner(f'updating {rel(cfg.cards)}')
-    update_measured(cfg.cards, [measured[spec.key].card for spec in specs])
+    for cards in dict.fromkeys(spec.cards for spec in specs):
+        _banner(f'updating {rel(cfg.cards / cards)}')
+        update_measured(cfg.cards / cards, [measured[spec.key].card for spec in specs if spec.cards == cards])
     out = {}
     for spec in specs:
         _banner(f'writing release {rel(cfg.releases_dir / spec.name)}')
@@ -181,6 +191,28 @@ def make_release(cfg: ReleaseConfig) -> Dict[str, Path]:
     _banner('model table')
     print(update_readme_table(cfg.cards, cfg.readme))
     return out
+
+
+def check_inputs(specs: Sequence[ReleaseSpec], cfg: ReleaseConfig) -> None:
+    """Refuse missing recipes or card files, one ``recipe`` for releases of different recipes, and good releases
+    that would be replaced without ``overwrite``."""
+    if cfg.recipe is not None and len({spec.recipe for spec in specs}) > 1:
+        raise ReleaseRefused(
+            f'--recipe {cfg.recipe} would replace the recipe of every selected release, but '
+            f'{", ".join(spec.key for spec in specs)} have different ones (different architectures); '
+            f'select the releases of one recipe with --only')
+    for spec in specs:
+        recipe, cards = recipe_of(spec, cfg), cfg.cards / spec.cards
+        if not recipe.is_file():
+            raise ReleaseRefused(f'recipe {recipe} (of {spec.key}) does not exist')
+        if not cards.is_file():
+            raise ReleaseRefused(f'card file {cards} (of {spec.key}) does not exist; --cards takes the card folder '
+                                 f'(default model_cards/), which holds {spec.cards}')
+        check_replaceable(cfg.releases_dir / spec.name, cfg.overwrite)
+
+
+def recipe_of(spec: ReleaseSpec, cfg: ReleaseConfig) -> Path:
+    return spec.recipe if cfg.recipe is None else cfg.recipe
 
 
 def rel(path: Path) -> str:
@@ -199,11 +231,11 @@ def _banner(text: str) -> None:
 
 def train_argv(spec: ReleaseSpec, cfg: ReleaseConfig) -> List[str]:
     """The scripts/train.py arguments of one run (the command recorded in the card)."""
-    return ['--config', str(cfg.recipe), *spec.train_args, *cfg.train_extra]
+    return ['--config', str(recipe_of(spec, cfg)), *spec.train_args, *cfg.train_extra]
 
 
 def train_command(spec: ReleaseSpec, cfg: ReleaseConfig, run_dir: Path) -> str:
-    parts = ['python scripts/train.py', '--config', rel(cfg.recipe), *spec.train_args, *cfg.train_extra,
+    parts = ['python scripts/train.py', '--config', rel(recipe_of(spec, cfg)), *spec.train_args, *cfg.train_extra,
              '--output-dir', rel(run_dir)]
     return ' '.join(parts)
 
@@ -360,7 +392,7 @@ def write_one_release(spec: ReleaseSpec, m: RunNumbers, cfg: ReleaseConfig) -> P
     """Write ``releases/<name>`` from the run and the updated card; install and check Hub models."""
     check_replaceable(cfg.releases_dir / spec.name, cfg.overwrite)
     run_model = load_run_model(m.run_dir)
-    entry = find_entry(load_entries([cfg.cards]), spec.entry)
+    entry = find_entry(load_entries([cfg.cards / spec.cards]), spec.entry)
     if spec.is_baseline:
         model, card, extras = run_model, render.render_baseline_card(entry, spec.name), {}
     else:
@@ -398,14 +430,14 @@ def tag_model_with_run_weights(name: str, run_model: torch.nn.Module, run_dir: P
         model.load_state_dict(run_model.state_dict(), strict=True)
     except RuntimeError as e:
         raise ReleaseCheckFailed(
-            f'{run_dir} did not train the architecture of {name!r} (pce_resnet.py TAG_ARCH_ARGS vs the recipe): '
+            f'{run_dir} did not train the architecture of {name!r} (TAG_ARCH_ARGS in its model file vs the recipe): '
             f'{str(e).splitlines()[0]} ...') from e
     for key in ('input_size', 'mean', 'std', 'num_classes', 'crop_pct', 'interpolation'):
         tag_value, run_value = model.pretrained_cfg.get(key), run_model.pretrained_cfg.get(key)
         if _norm(tag_value) != _norm(run_value):
             raise ReleaseCheckFailed(
                 f'{name!r} default cfg has {key}={tag_value!r} but {run_dir} trained with {run_value!r}; '
-                f'make the tag cfg in pce_resnet.py match the recipe')
+                f'make the tag cfg in its model file (pce_timm/models/) match the recipe')
     return model.eval()
 
 
@@ -418,8 +450,9 @@ def _norm(value: Any) -> Any:
 # ---------------------------------------------------------------- 6. README table
 
 def update_readme_table(cards: Path, readme: Path) -> str:
-    """Rewrite README's model table from every family YAML next to ``cards``; returns what happened + the table."""
-    table = render.render_model_table(load_entries(default_card_files(cards.parent)))
+    """Rewrite README's model table from every family YAML in the card folder ``cards``; returns what happened + the
+    table."""
+    table = render.render_model_table(load_entries(default_card_files(cards)))
     text = readme.read_text(encoding='utf-8') if readme.is_file() else ''
     if render.TABLE_START not in text or render.TABLE_END not in text:
         return (f'{rel(readme)} has no {render.TABLE_START} / {render.TABLE_END} markers; not touched. '

@@ -206,7 +206,7 @@ def render_baseline_card(entry: ModelEntry, name: str) -> str:
         f'# {b.name}', '', b.summary, '',
         f'The dense comparison for [{entry.name}]({HUB_URL}/{entry.repo_id}): the same recipe, data and widths, '
         f'no experts. Not a zoo model and not on the Hub; load it from this folder:', '',
-        '```python', 'import timm', 'import pce_timm  # the architecture is built by the pce_resnet18 entrypoint',
+        '```python', 'import timm', f'import pce_timm  # the architecture is built by the {entry.model} entrypoint',
         '', f"model = timm.create_model('local-dir:releases/{b.name}', pretrained=True)", '```', '',
         '## Results', '', *_baseline_table(entry), '', '## Training', '', entry.training['recipe'], '',
         '## How Each Number Was Made', '',
