@@ -32,6 +32,26 @@ def test_deeplab_on_a_pce_stage_3_names_the_stages_that_fit():
         create_segmenter('pce_resnet18', 3, 'deeplabv3plus')
 
 
+def test_unet_decoder_channels_set_the_decoder_widths():
+    model = create_segmenter('pce_resnet18', 3, 'unet', decoder_channels=(128, 64, 32, 16, 8), **SMALL).eval()
+    widths = [block.conv2[0].out_channels for block in model.decoder.blocks]
+    assert widths == [128, 64, 32, 16, 8] and model.segmentation_head[0].in_channels == 8
+    default = create_segmenter('pce_resnet18', 3, 'unet', **SMALL)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in default.parameters())
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize('arch,widths,match', [
+    ('fpn', (128, 64, 32, 16, 16), "only unet takes decoder widths, got arch 'fpn'"),
+    ('unet', (128, 64, 32), r'got \[128, 64, 32\]; accepted: five positive integers'),
+    ('unet', (128, 64, 32, 16, 0), 'five positive integers'),
+])
+def test_decoder_channels_errors_name_the_problem(arch, widths, match):
+    with pytest.raises(ValueError, match=match):
+        create_segmenter('pce_resnet18', 3, arch, decoder_channels=widths, **SMALL)
+
+
 @pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if 'base' in n else n for n in HYBRIDS])
 @pytest.mark.parametrize('arch', ['unet', 'fpn', 'deeplabv3plus'])
 def test_every_vit_hybrid_is_an_smp_encoder(name, arch):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pce_timm.data.compose import DEFAULT_SOURCE_DIR, ComposeConfig, write_composed_voc
-from pce_timm.tasks.loop import evaluate_dense_run, load_dense_model, parse_dense_args, train_dense
+from pce_timm.tasks.loop import create_dense_model, evaluate_dense_run, load_dense_model, parse_dense_args, train_dense
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -56,6 +56,12 @@ def test_dense_recipe_keys_round_trip_and_errors(composed, tmp_path):
     cfg, dense = parse_dense_args('segmentation', ['--config', str(ROOT / 'scripts/configs/dense_segmentation.yaml'),
                                                    '--data-dir', str(composed), '--arch', 'fpn'])
     assert dense['arch'] == 'fpn' and cfg.data.eval_split == 'val' and cfg.data.img_size == 128
+    _, dense = parse_dense_args('segmentation', ['--model', 'resnet18', '--dataset', 'voc',
+                                                 '--decoder-channels', '64', '32', '16', '16', '8'])
+    assert dense['decoder_channels'] == [64, 32, 16, 16, 8]
+    model = create_dense_model({'task': 'segmentation', 'arch': 'unet', 'backbone': 'resnet18', 'num_classes': 3,
+                                'decoder_channels': dense['decoder_channels']})
+    assert model.segmentation_head[0].in_channels == 8
     from pce_timm.train.recipe import RecipeError
     with pytest.raises(SystemExit):
         parse_dense_args('detection', ['--model', 'resnet18', '--dataset', 'voc', '--arch', 'unet'])

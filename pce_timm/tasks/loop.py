@@ -40,7 +40,8 @@ __all__ = ['DetectionTask', 'SegmentationTask', 'build_dense_parser', 'parse_den
 
 _logger = logging.getLogger(__name__)
 DENSE_CONFIG_FILE = 'dense_config.json'
-DENSE_KEYS = ('arch', 'output_stride', 'fpn_channels')  # recipe keys of the dense scripts beyond train.py's
+# recipe keys of the dense scripts beyond train.py's
+DENSE_KEYS = ('arch', 'output_stride', 'fpn_channels', 'decoder_channels')
 DEFAULT_IMG_SIZE = DENSE_IMG_SIZE
 
 
@@ -90,7 +91,8 @@ class _DenseTask(Task):
         return {'task': self.name, 'arch': self.dense['arch'], 'backbone': cfg.model.name,
                 'num_classes': data.num_classes, 'class_names': list(data.classes), 'img_size': data.img_size[0],
                 'in_chans': data.in_chans, 'output_stride': self.dense.get('output_stride'),
-                'fpn_channels': self.dense.get('fpn_channels'), 'pretrained_backbone': cfg.model.pretrained,
+                'fpn_channels': self.dense.get('fpn_channels'), 'decoder_channels': self.dense.get('decoder_channels'),
+                'pretrained_backbone': cfg.model.pretrained,
                 'model_kwargs': _jsonable(model_kwargs(cfg.model))}
 
     def build_model(self, cfg: TrainConfig, data: DenseData) -> Tuple[nn.Module, List[nn.Module]]:
@@ -222,7 +224,8 @@ def create_dense_model(config: Dict[str, Any]) -> nn.Module:
                                **kwargs)
     return create_segmenter(config['backbone'], config['num_classes'], config['arch'],
                             in_chans=config.get('in_chans', 3), output_stride=config.get('output_stride'),
-                            pretrained_backbone=config.get('pretrained_backbone', False), **kwargs)
+                            pretrained_backbone=config.get('pretrained_backbone', False),
+                            decoder_channels=config.get('decoder_channels'), **kwargs)
 
 
 def save_dense_model(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any], model_dir: Path) -> Path:

@@ -14,7 +14,7 @@ ViT's map unpooled as its deepest feature; ``output_stride`` 8 dilates the CNN's
 stride-8 tokens), so it needs ``pce_stages`` within (0, 1). smp's DPT takes them too (``smp.DPT('tu-...')``: the
 ViT's block features). Backbones whose features all share one stride (timm's plain ViTs) raise a ValueError.
 """
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import segmentation_models_pytorch as smp
 import timm
@@ -42,6 +42,17 @@ def _check_backbone(backbone: str) -> None:
             f'pce_vit_hybrid_*); smp.DPT takes single-stride ViTs')
 
 
+def _unet_decoder_channels(arch: str, decoder_channels: Sequence[int]) -> tuple:
+    if arch != 'unet':
+        raise ValueError(f'decoder_channels: only unet takes decoder widths, got arch {arch!r}; drop '
+                         f'decoder_channels or use arch unet')
+    widths = tuple(decoder_channels)
+    if len(widths) != 5 or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ValueError(f'decoder_channels: got {list(widths)}; accepted: five positive integers, one per Unet '
+                         f'decoder block, deepest first (smp default [256, 128, 64, 32, 16])')
+    return widths
+
+
 def create_segmenter(
         backbone: str,
         num_classes: int,
@@ -49,6 +60,7 @@ def create_segmenter(
         in_chans: int = 3,
         output_stride: Optional[int] = None,
         pretrained_backbone: bool = False,
+        decoder_channels: Optional[Sequence[int]] = None,
         **model_kwargs: Any,
 ) -> nn.Module:
     """An smp segmenter (logits [B, num_classes, H, W] at the input size) on the timm model ``backbone``.
@@ -59,11 +71,15 @@ def create_segmenter(
         in_chans: image channels (1 or 3 ...).
         output_stride: DeepLabV3+'s encoder output stride (8 or 16, default 16); Unet / FPN use 32.
         pretrained_backbone: timm's pretrained weights for the encoder.
+        decoder_channels: Unet only: the widths of its five decoder blocks, deepest first (None: smp's
+            ``(256, 128, 64, 32, 16)``). The decoder costs most of a narrow backbone's Unet step: at 128 px with
+            widths 16-128, ``(128, 64, 32, 16, 16)`` about halves it.
         model_kwargs: go to ``timm.create_model`` (e.g. ``pce_stages``, ``patch_size``, ``num_experts``).
 
     Raises:
         ValueError: unknown ``arch``; a backbone without a feature pyramid; an output stride that would dilate
-            a PCE stage (the message lists the ``pce_stages`` each output stride allows).
+            a PCE stage (the message lists the ``pce_stages`` each output stride allows); ``decoder_channels``
+            for another arch than Unet, or not five positive widths.
     """
     if arch not in SEGMENTATION_ARCHS:
         raise ValueError(f'arch: got {arch!r}; accepted: {", ".join(SEGMENTATION_ARCHS)}')
@@ -77,4 +93,6 @@ def create_segmenter(
     elif output_stride not in (None, 32):
         raise ValueError(f'output_stride: {arch} uses the encoder at output stride 32, got {output_stride}; '
                          f'only deeplabv3plus takes 8 or 16')
+    if decoder_channels is not None:
+        kwargs['decoder_channels'] = _unet_decoder_channels(arch, decoder_channels)
     return SEGMENTATION_ARCHS[arch](**kwargs)

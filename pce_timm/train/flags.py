@@ -181,18 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_dense_parser(task: str) -> argparse.ArgumentParser:
     """train.py's parser (every flag and recipe key) plus ``--arch``, ``--output-stride``, ``--fpn-channels``,
-    with dense defaults: eval split ``val``, 128 px images, batch size 8 (``scripts/train_detection.py`` /
-    ``train_segmentation.py``)."""
+    ``--decoder-channels`` (Unet), with dense defaults: eval split ``val``, 128 px images, batch size 8
+    (``scripts/train_detection.py`` / ``train_segmentation.py``)."""
     parser = build_parser()
     group = parser.add_argument_group(task)
     if task == 'detection':
         group.add_argument('--arch', default='fasterrcnn', choices=DETECTION_ARCHS, help='torchvision detector')
         group.add_argument('--fpn-channels', type=int, default=128, help='FPN width')
         group.add_argument('--output-stride', type=int, default=None, help=argparse.SUPPRESS)
+        group.add_argument('--decoder-channels', type=int, nargs=5, default=None, help=argparse.SUPPRESS)
     else:
         group.add_argument('--arch', default='unet', choices=SEGMENTATION_ARCH_NAMES, help='smp segmenter')
         group.add_argument('--output-stride', type=int, default=None, choices=(8, 16),
                            help='DeepLabV3+ encoder output stride (default 16)')
         group.add_argument('--fpn-channels', type=int, default=None, help=argparse.SUPPRESS)
+        group.add_argument('--decoder-channels', type=int, nargs=5, default=None, metavar='C',
+                           help='Unet decoder widths, deepest first (default: smp\'s 256 128 64 32 16)')
     parser.set_defaults(eval_split='val', img_size=DENSE_IMG_SIZE, batch_size=8, key_init_batches=2)
     return parser
