@@ -257,3 +257,12 @@ def test_a_cell_trains_on_two_accelerate_processes(hub_data, tmp_path):
     assert f'{accelerate} launch --multi_gpu --num_processes 2' in run.with_suffix('.log').read_text()
     results = json.loads((run / 'results.json').read_text())
     assert results['num_processes'] == 2 and results['eval_split'] == HOLDOUT_SPLIT
+
+
+def test_the_timing_config_reruns_cells_of_the_fashion_mnist_grid_unchanged():
+    """fmnist_factors_timing.yaml times seed 0 of some cells again: the same recipe, options and cells."""
+    grid, timing = (load_sweep_config(SWEEPS / name) for name in ('fmnist_factors.yaml', 'fmnist_factors_timing.yaml'))
+    assert timing.seeds == (0,) and timing.recipe == grid.recipe and timing.options == grid.options
+    assert timing.val_fraction == grid.val_fraction and timing.cells[0].name == 'dense'  # its own dense run
+    cells = {c.name: c for c in grid.cells}
+    assert all(c == cells[c.name] for c in timing.cells)
