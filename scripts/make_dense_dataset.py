@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--output-dir', required=True, help='the VOCdevkit folder to write (VOC2012/ inside)')
     parser.add_argument('--num-train', type=int, required=True, help='train canvases (Fashion-MNIST train items)')
     parser.add_argument('--num-val', type=int, required=True, help='val canvases (Fashion-MNIST test items)')
+    parser.add_argument('--num-test', type=int, default=0, help='test canvases (items from the half of Fashion-MNIST '
+                        'test that val does not use): report on test, choose on val; 0: no test split')
     parser.add_argument('--canvas-size', type=int, default=128)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--items-per-canvas', type=_int_range, default=(1, 4), help='N or MIN-MAX')
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
     from pce_timm.train.cli import run_cli
 
     def run():
-        cfg = ComposeConfig(num_train=args.num_train, num_val=args.num_val, canvas_size=args.canvas_size,
+        cfg = ComposeConfig(num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
+                            canvas_size=args.canvas_size,
                             seed=args.seed, items_per_canvas=args.items_per_canvas,
                             source_dir=args.source_dir or DEFAULT_SOURCE_DIR)
         summary = write_composed_voc(args.output_dir, cfg, overwrite=args.overwrite, progress=not args.no_progress)

@@ -147,6 +147,40 @@ def test_composed_set_is_deterministic_and_atomic(composed, tmp_path):
 
 
 @needs_fmnist
+def test_composed_test_split_draws_items_val_never_sees(composed, tmp_path, monkeypatch):
+    import pce_timm.data.compose as compose
+    pools, compose_canvas = {}, compose.compose_canvas
+
+    def recording(items, item_labels, rng, cfg):  # the item pools the canvases draw from, in split order
+        pools.setdefault((len(items), items[0].tobytes()), None)
+        return compose_canvas(items, item_labels, rng, cfg)
+
+    monkeypatch.setattr(compose, 'compose_canvas', recording)
+    cfg = ComposeConfig(num_train=8, num_val=4, num_test=3, canvas_size=64, seed=3)
+    write_composed_voc(tmp_path / 'tested', cfg, progress=False)
+    root, before = tmp_path / 'tested' / 'VOC2012', composed / 'VOC2012'
+    t10k, _ = compose.read_fashion_mnist(FMNIST_DIR, 't10k')
+    half = len(t10k) // 2
+    assert [(n, b == t10k[0].tobytes(), b == t10k[half].tobytes()) for n, b in list(pools)[1:]] == [
+        (half, True, False), (len(t10k) - half, False, True)]  # val: first half, test: second half, no item shared
+    for sets in ('Main', 'Segmentation'):
+        listed = {s: (root / 'ImageSets' / sets / f'{s}.txt').read_text().split()
+                  for s in ('train', 'val', 'test', 'trainval')}
+        assert listed['test'] == [f'test_{i:06d}' for i in range(3)]
+        assert listed['trainval'] == listed['train'] + listed['val']  # trainval leaves test apart, as in VOC
+
+    def jpeg(folder, stem):
+        return (folder / 'JPEGImages' / f'{stem}.jpg').read_bytes()
+
+    for stem, unchanged in (('train_000000', True), ('train_000007', True), ('val_000000', False)):
+        assert (jpeg(root, stem) == jpeg(before, stem)) == unchanged  # only val's item pool changed
+    test = VOCDetection(tmp_path / 'tested', 'test', transforms=None)
+    assert len(test) == 3 and test[0][1]['boxes'].shape[-1] == 4
+    with pytest.raises(ValueError, match='num_test must be an int >= 0'):
+        ComposeConfig(num_train=1, num_val=1, num_test=-1)
+
+
+@needs_fmnist
 def test_composed_boxes_match_masks(composed):
     root = find_voc_root(composed)
     assert root.name == 'VOC2012' and (root / 'class_names.txt').read_text().split('\n')[0] == '_background_'

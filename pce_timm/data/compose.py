@@ -4,8 +4,9 @@
     train = VOCDetection('data/fmnist_voc', 'train')          # read back by the same reader as real VOC
 
 Each canvas (`canvas_size` square, RGB) is a mid-grey background with per-pixel grey noise, on which 1-4 items
-are pasted: a random Fashion-MNIST image (train canvases from its train split, val canvases from its test
-split), scaled to a random side, placed at random where it overlaps the items already placed by at most
+are pasted: a random Fashion-MNIST image (train canvases from its train split, val and test canvases from its
+test split: from all of it without a test split, from its first and second half with one, so val and test
+share no item), scaled to a random side, placed at random where it overlaps the items already placed by at most
 `max_overlap` of the smaller tight box, and drawn in a random saturated colour with the item's ink as alpha.
 The grey-noise background and the random colours keep the task from being a brightness threshold of one channel:
 the class is in the shape, not in the colour, and all three channels carry signal.
@@ -45,10 +46,10 @@ __all__ = ['COMPOSED_CLASSES', 'ComposeConfig', 'ComposedCanvas', 'compose_canva
            'voc_palette', 'write_composed_voc']
 
 COMPOSED_CLASSES = ('_background_', *FASHION_MNIST_CLASSES)
-SPLITS = ('train', 'val')
+SPLITS = ('train', 'val', 'test')
 YEAR = 'VOC2012'
 DEFAULT_SOURCE_DIR = '/usr/share/datasets/fashion-mnist'
-_SOURCE_SPLIT = {'train': 'train', 'val': 't10k'}  # val canvases use Fashion-MNIST's test images
+_SOURCE_SPLIT = {'train': 'train', 'val': 't10k', 'test': 't10k'}  # val and test use Fashion-MNIST's test images
 _PLACEMENT_TRIES = 20
 
 
@@ -58,7 +59,10 @@ class ComposeConfig:
 
     Attributes:
         num_train: Canvases in the train split (items from Fashion-MNIST train).
-        num_val: Canvases in the val split (items from Fashion-MNIST test).
+        num_val: Canvases in the val split (items from Fashion-MNIST test; its first half when `num_test` > 0).
+        num_test: Canvases in the test split (items from the second half of Fashion-MNIST test, none shared with
+            val): the split to report on when choices are made on val. 0: no test split, and val draws from all of
+            Fashion-MNIST test (the canvases of the sets written before the test split existed).
         canvas_size: Side of the square canvases in pixels.
         seed: Seed of every random choice.
         items_per_canvas: `(min, max)` items drawn per canvas (fewer when one finds no place).
@@ -70,6 +74,7 @@ class ComposeConfig:
     """
     num_train: int
     num_val: int
+    num_test: int = 0
     canvas_size: int = 128
     seed: int = 0
     items_per_canvas: tuple[int, int] = (1, 4)
@@ -80,11 +85,11 @@ class ComposeConfig:
     source_dir: str = DEFAULT_SOURCE_DIR
 
     def __post_init__(self):
-        for name in ('num_train', 'num_val'):
+        for name in ('num_train', 'num_val', 'num_test'):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f'{name} must be an int >= 0, got {getattr(self, name)!r}.')
-        if self.num_train + self.num_val == 0:
-            raise ValueError('num_train + num_val must be > 0: there is nothing to write.')
+        if self.num_train + self.num_val + self.num_test == 0:
+            raise ValueError('num_train + num_val + num_test must be > 0: there is nothing to write.')
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f'seed must be an int >= 0, got {self.seed!r}.')
         if not isinstance(self.canvas_size, int) or self.canvas_size < 32:
@@ -271,6 +276,9 @@ def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
 
 def _write_split(year_dir: Path, split: str, count: int, cfg: ComposeConfig, progress: bool) -> dict:
     items, item_labels = read_fashion_mnist(cfg.source_dir, _SOURCE_SPLIT[split])
+    if cfg.num_test and split in ('val', 'test'):  # disjoint halves: no item of a test canvas is seen in val
+        half = slice(0, len(items) // 2) if split == 'val' else slice(len(items) // 2, None)
+        items, item_labels = items[half], item_labels[half]
     palette = voc_palette()
     split_id = SPLITS.index(split)
     stems, objects, per_class = [], 0, Counter()
@@ -296,8 +304,8 @@ def write_composed_voc(output_dir: str | Path, cfg: ComposeConfig, overwrite: bo
     """Write a composed set as `output_dir/VOC2012/...` (a VOCdevkit) and return its summary.
 
     The VOC2012 folder holds `JPEGImages/`, `Annotations/`, `SegmentationClass/`, `SegmentationObject/`,
-    `ImageSets/{Main,Segmentation}/{train,val,trainval}.txt`, `class_names.txt` (labelme's format) and
-    `dataset.json` (the config and the summary).
+    `ImageSets/{Main,Segmentation}/{train,val,trainval}.txt` (and `test.txt` when `num_test` > 0),
+    `class_names.txt` (labelme's format) and `dataset.json` (the config and the summary).
 
     Raises:
         FileExistsError: `output_dir` is a file, or a non-empty folder and `overwrite` is False.
@@ -315,11 +323,12 @@ def write_composed_voc(output_dir: str | Path, cfg: ComposeConfig, overwrite: bo
         for sub in ('JPEGImages', 'Annotations', 'SegmentationClass', 'SegmentationObject', 'ImageSets/Main',
                     'ImageSets/Segmentation'):
             (year_dir / sub).mkdir(parents=True)
-        for split, count in zip(SPLITS, (cfg.num_train, cfg.num_val), strict=True):
-            summary['splits'][split] = _write_split(year_dir, split, count, cfg, progress)
+        for split, count in zip(SPLITS, (cfg.num_train, cfg.num_val, cfg.num_test), strict=True):
+            if count or split != 'test':
+                summary['splits'][split] = _write_split(year_dir, split, count, cfg, progress)
         for sets in ('Main', 'Segmentation'):
-            folder = year_dir / 'ImageSets' / sets
-            (folder / 'trainval.txt').write_text(''.join((folder / f'{s}.txt').read_text() for s in SPLITS))
+            folder = year_dir / 'ImageSets' / sets  # trainval: train + val, as in VOC (test is apart)
+            (folder / 'trainval.txt').write_text(''.join((folder / f'{s}.txt').read_text() for s in ('train', 'val')))
         (year_dir / 'class_names.txt').write_text(''.join(f'{n}\n' for n in COMPOSED_CLASSES), encoding='utf-8')
         record = {'config': asdict(cfg), 'ignore_index': IGNORE_INDEX, **summary}
         record.pop('root')
