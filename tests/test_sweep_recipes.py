@@ -123,8 +123,9 @@ def test_the_grid_is_the_fashion_mnist_campaigns(dataset):
     cfg = load_sweep_config(SWEEPS / HUB_LAYOUTS[dataset][0])
     names = [c.name for c in cfg.cells]
     fmnist = [c.name for c in load_sweep_config(SWEEPS / 'fmnist_factors.yaml').cells]
-    # the one-factor cells; Fashion-MNIST's round 2 combines the winners it measured, a GPU user combines theirs
-    assert names == [n for n in fmnist if not n.startswith('winners:')] and len(fmnist) == 19
+    # the one-factor cells; Fashion-MNIST's round 2 combines the winners it measured (and controls them), a GPU
+    # user combines theirs
+    assert names == [n for n in fmnist if not n.startswith(('winners:', 'control:'))] and len(fmnist) == 21
     assert len(names) == 17 and names[0] == 'dense' and cfg.cells[0].kind == 'dense'
     assert cfg.cells[0].options == {'pce_stages': []}
     assert [c.name for c in cfg.cells if c.kind == 'dense'] == ['dense', 'dense continued']
