@@ -587,7 +587,8 @@ def section_cases(spec: Dict[str, object]) -> Tuple[List[Case], Callable[[], tor
 
     ``spec``: ``section`` ('layers', 'bound', 'models', 'grid' or 'dense'); for layers and bound ``input_shape``
     (B, C, H, W), ``patch_size``, ``kernel_size``; for models and grid ``models`` (names), ``size``, ``batch_size``;
-    for dense ``size``, ``batch_size``.
+    for dense ``size``, ``batch_size``; for campaign ``sweep`` (a sweep config) and ``cells`` (names, the first is
+    every other's reference).
     """
     section = spec['section']
     if section in ('layers', 'bound'):
@@ -609,7 +610,12 @@ def section_cases(spec: Dict[str, object]) -> Tuple[List[Case], Callable[[], tor
 
         size, batch = spec['size'], spec['batch_size']
         return dense_cases(size, batch), lambda: torch.rand(batch, 3, size, size)
-    raise ValueError(f"section must be 'layers', 'bound', 'models', 'grid' or 'dense', got {section!r}")
+    if section == 'campaign':
+        from .benchmark_campaign import campaign_cases
+
+        cases, shape = campaign_cases(spec['sweep'], spec['cells'])
+        return cases, lambda: torch.randn(shape)
+    raise ValueError(f"section must be 'layers', 'bound', 'models', 'grid', 'dense' or 'campaign', got {section!r}")
 
 
 def _apply_process_setting() -> bool:
@@ -648,7 +654,7 @@ def worker_main(spec: Dict[str, object]) -> int:
     import pce_timm
 
     send({'cases': [{'name': c.name, 'info': c.info, 'ref': c.ref} for c in cases], 'torch': torch.__version__,
-          'threads': torch.get_num_threads(), 'malloc_tuned': malloc_tuned,
+          'input_shape': list(timer.x.shape), 'threads': torch.get_num_threads(), 'malloc_tuned': malloc_tuned,
           'pce_timm': str(Path(pce_timm.__file__).parent), 'jemalloc_loaded': _jemalloc_loaded()})
     for line in sys.stdin:
         if line.strip() != 'round':

@@ -9,6 +9,7 @@
     python scripts/benchmark.py --section models --models pce_resnet18_e8 --model-rounds 5
     python scripts/benchmark.py --section grid       # pce_resnet18(_e8) at several routing grids vs resnet18, 224 px
     python scripts/benchmark.py --section dense      # detector + segmenter, PCE vs dense backbone, 128 px, b8
+    python scripts/benchmark.py --section campaign --threads 1   # a training step of the campaign's cells vs dense
     python scripts/benchmark.py --profile 'pce E=8 top-1'   # where one layer case spends its training step
     python scripts/benchmark.py --section bound --rounds 30  # top-1 with free gathers: can faster gathers reach 1.25x?
     python scripts/benchmark.py --section compile    # torch.compile: first-call time, compiled vs eager, 64 px, b8
@@ -25,19 +26,23 @@ import argparse
 import contextlib
 import json
 import sys
+from pathlib import Path
 from typing import Dict, List, Optional
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--section', choices=('layers', 'bound', 'models', 'grid', 'dense', 'compile', 'all'),
+    parser.add_argument('--section', choices=('layers', 'bound', 'models', 'grid', 'dense', 'campaign', 'compile',
+                                                  'all'),
                         default='layers',
                         help="layers: the layer table and its goals; bound: top-1 PCE with its two gathers made free "
                              "(a lower bound for any gather implementation) next to its dense blocks; "
                              "models: whole PCE models next to timm's dense ones; grid: pce_resnet18(_e8) at several "
                              "routing grids (the old pixel default, the default patch_grid, finer) next to resnet18 "
                              "in one process, and the zoo's speed goals at each; dense: the dense recipes' "
-                             "detector and segmenter with a PCE vs a dense backbone; compile: torch.compile's "
+                             "detector and segmenter with a PCE vs a dense backbone; campaign: a training step of "
+                             "a sweep's cells (the Fashion-MNIST campaign's winners and their controls) next to its "
+                             "dense cell, each in its recipe's last phase; compile: torch.compile's "
                              "first-call time and compiled vs eager speed per model, each in a fresh process with "
                              "a cold inductor cache; all: the first five")
     parser.add_argument('--batch-size', type=int, default=32)
@@ -59,6 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--dense-size', type=int, default=128, help='dense section: image height = width')
     parser.add_argument('--dense-batch-size', type=int, default=8)
     parser.add_argument('--dense-rounds', type=int, default=3, help='dense section: timed rounds per model')
+    parser.add_argument('--campaign-config', default=None, metavar='YAML',
+                        help='campaign section: the sweep config whose cells are timed (default: '
+                             'scripts/configs/sweeps/fmnist_factors.yaml)')
+    parser.add_argument('--campaign-cells', nargs='+', default=None, metavar='CELL',
+                        help="campaign section: cell names, the first is the reference (default: dense, pce base, "
+                             "the two winners and the two widened dense controls)")
+    parser.add_argument('--campaign-rounds', type=int, default=10, help='campaign section: timed rounds per cell')
     parser.add_argument('--compile-models', nargs='+', default=None,
                         help='compile section: timm / pce_* models (default: resnet18 pce_resnet18 pce_resnet18_e8)')
     parser.add_argument('--compile-modes', nargs='+', choices=('eval', 'train'), default=['eval'],
@@ -88,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name in ('batch_size', 'channels', 'size', 'patch_size', 'kernel_size', 'rounds', 'model_size',
                  'model_batch_size', 'model_rounds', 'dense_size', 'dense_batch_size', 'dense_rounds',
-                 'compile_img_size', 'compile_batch_size', 'compile_rounds'):
+                 'campaign_rounds', 'compile_img_size', 'compile_batch_size', 'compile_rounds'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
     if args.jemalloc == 'auto':
@@ -106,6 +118,7 @@ import torch  # noqa: E402
 
 from pce_timm.benchmark import (  # noqa: E402
     PROCESSES,
+    ROOT,
     THIS_TREE,
     VariantTimings,
     bound_cases,
@@ -285,6 +298,35 @@ def run_dense(args: argparse.Namespace, variants: list) -> dict:
     return out
 
 
+def run_campaign(args: argparse.Namespace, variants: list) -> dict:
+    from pce_timm.benchmark_campaign import DEFAULT_CELLS, DEFAULT_SWEEP
+    from pce_timm.benchmark_models import format_model_table, model_rows
+
+    sweep, cells = str(args.campaign_config or DEFAULT_SWEEP), list(args.campaign_cells or DEFAULT_CELLS)
+    spec = {'section': 'campaign', 'sweep': sweep, 'cells': cells, 'threads': args.threads}
+    results = time_variants(spec, variants, rounds=args.campaign_rounds, warmup=2, desc='campaign')
+    shape = results[0].meta['input_shape']
+    batch = shape[0]
+    rows = {r.variant.label: model_rows(r.timings, batch) for r in results}
+    shown = Path(sweep).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    print(f'\nCampaign cells ({shown}): input {shape}, {_setting(results, args.campaign_rounds)}; each model in '
+          f"its recipe's last phase; x = throughput / {cells[0]!r} (higher is better); train = forward + backward\n")
+    labels = list(rows)
+    primary_rows = rows[labels[0]]
+    if len(labels) == 1:
+        print(format_model_table(primary_rows))
+    else:
+        interleaved = [(label, rows[label][i]) for i in range(len(primary_rows)) for label in labels]
+        print(format_model_table([row for _, row in interleaved], processes=[label for label, _ in interleaved]))
+    _print_new_over_old(results)
+    out = _section_json(results, {'sweep': sweep, 'input_size': shape, 'rows': primary_rows},
+                        lambda t: {})
+    for r in results:
+        out['variants'][r.variant.label]['rows'] = rows[r.variant.label]
+    return out
+
+
 def run_compile(args: argparse.Namespace, variants: list) -> dict:
     from pce_timm.benchmark_compile import DEFAULT_MODELS, compile_rows, format_compile_table
     from pce_timm.progress import progress_bar
@@ -328,7 +370,7 @@ def run(args: argparse.Namespace, old=None) -> dict:
                'variants': [{'label': v.label, 'code': v.code, 'process': v.process} for v in variants]}
     sections = ('layers', 'bound', 'models', 'grid', 'dense') if args.section == 'all' else (args.section,)
     runners = {'layers': run_layers, 'bound': run_bound, 'models': run_models, 'grid': run_grid, 'dense': run_dense,
-               'compile': run_compile}
+               'campaign': run_campaign, 'compile': run_compile}
     for section in sections:
         results[section] = runners[section](args, variants)
     return results

@@ -231,3 +231,27 @@ def test_new_over_old_pairs_the_same_process_only():
     rows = new_over_old([result(THIS_TREE, 'plain', 1.0), result(THIS_TREE, 'glibc tuned', 3.0),
                          result('v1', 'plain', 2.0), result('v1', 'glibc tuned', 4.0)])
     assert [(r['process'], r['train_new_over_old']) for r in rows] == [('plain', 0.5), ('glibc tuned', 0.75)]
+
+
+def test_campaign_section_times_the_cells_models_in_their_last_phase(tmp_path, capsys):
+    from pce_timm.benchmark_campaign import cell_model
+
+    winner, shape = cell_model(ROOT / 'scripts' / 'configs' / 'sweeps' / 'fmnist_factors.yaml',
+                               'winners: soft + B + no attention')
+    assert shape == (128, 1, 28, 28)  # the demo recipe's batch, Fashion-MNIST's images
+    layers = [m for m in winner.modules() if isinstance(m, PCEConv2d)]
+    assert layers and all(layer.routing_mode == 'router' and not layer.attn_enabled for layer in layers)
+    base, _ = cell_model(ROOT / 'scripts' / 'configs' / 'sweeps' / 'fmnist_factors.yaml', 'pce base')
+    assert all(m.attn_enabled for m in base.modules() if isinstance(m, PCEConv2d))  # its phase 3: attention on
+    out = tmp_path / 'bench.json'
+    cells = ['dense', 'control: dense widened to the params', 'pce base']
+    assert _benchmark_script().main(['--section', 'campaign', '--campaign-cells', *cells, '--campaign-rounds', '1',
+                                     '--threads', '1', '--json', str(out)]) == 0
+    rows = json.loads(out.read_text())['campaign']['rows']
+    assert [r['model'] for r in rows] == cells and rows[0]['train_x'] == 1.0
+    assert rows[1]['params_m'] == pytest.approx(0.945015) and rows[2]['baseline'] == 'dense'
+    assert "x = throughput / 'dense'" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="starts from another cell's runs"):
+        cell_model(ROOT / 'scripts' / 'configs' / 'sweeps' / 'fmnist_factors.yaml', 'upcycled from dense')
+    with pytest.raises(ValueError, match="has no cell 'nope'"):
+        cell_model(ROOT / 'scripts' / 'configs' / 'sweeps' / 'fmnist_factors.yaml', 'nope')
