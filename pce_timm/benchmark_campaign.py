@@ -4,11 +4,12 @@ sections.
 
 A cell's train time in a sweep summary is the whole run (every phase, the per-epoch evaluation, K-Means key
 init) measured in its own process, good to about +-15% on a shared machine. This section times what most of
-that run repeats, the step of the last phase, for every cell in one process, interleaved: a ratio such as the
-winners' 1.27x is checked to a few per cent. Each model is the one the cell's recipe builds (the sweep's recipe,
-its options, the cell's options: :func:`pce_timm.sweep.run_recipe`), switched to its recipe's last phase,
-fed a random batch of the recipe's batch size at the dataset's image size. MACs are per image of one eval
-forward. The step is forward + backward (no optimizer step or auxiliary losses, as in every section).
+that run repeats, the step of the last phase, for every cell in one process, interleaved, so machine noise hits
+every cell alike: it tells whether a run ratio such as the winners' 1.27x comes from the model or the noise.
+Each model is the one the cell's recipe builds (the sweep's recipe, its options, the cell's options:
+:func:`pce_timm.sweep.run_recipe`), switched to its recipe's last phase, fed a random batch of the recipe's
+batch size at the dataset's image size. MACs are per image of one eval forward. The step is forward + backward
+(no optimizer step or auxiliary losses, as in every section).
 """
 import tempfile
 from pathlib import Path
@@ -69,7 +70,10 @@ def campaign_cases(sweep: Optional[Path] = None, names: Sequence[str] = DEFAULT_
     Raises:
         ValueError: An unknown cell, or cells whose recipes feed different batch shapes.
     """
+    from pce_timm.sweep import load_sweep_config
+
     sweep = Path(sweep or DEFAULT_SWEEP)
+    kinds = {cell.name: cell.kind for cell in load_sweep_config(sweep).cells}
     cases, shape = [], None
     for name in names:
         model, cell_shape = cell_model(sweep, name)
@@ -77,7 +81,7 @@ def campaign_cases(sweep: Optional[Path] = None, names: Sequence[str] = DEFAULT_
             raise ValueError(f'--campaign-cells: cell {name!r} trains on batches of {list(cell_shape)}, the first '
                              f'cell on {list(shape)}; time cells of one recipe shape together.')
         shape = cell_shape
-        info = {'role': 'dense' if not cases else 'pce', 'baseline': None if not cases else names[0],
+        info = {'role': kinds[name], 'baseline': None if not cases else names[0],
                 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
                 'gmacs': count_gmacs(model, shape[-1], in_chans=shape[1], batch_size=shape[0])}
         cases.append(Case(name, lambda m=model: m, info, {names[0]: 1.0}))
