@@ -274,16 +274,13 @@ def run_grid(args: argparse.Namespace, variants: list) -> dict:
     return out
 
 
-def run_dense(args: argparse.Namespace, variants: list) -> dict:
+def _model_rows_section(results: List[VariantTimings], batch: int, header: str, primary: dict) -> dict:
+    """Print and return a section of model rows (throughput and x = ratio to the reference), one row per case
+    and process; ``primary`` (the spec shown in the JSON) gets this tree's plain rows."""
     from pce_timm.benchmark_models import format_model_table, model_rows
 
-    size, batch = args.dense_size, args.dense_batch_size
-    spec = {'section': 'dense', 'size': size, 'batch_size': batch, 'threads': args.threads}
-    results = time_variants(spec, variants, rounds=args.dense_rounds, warmup=1, desc='dense')
     rows = {r.variant.label: model_rows(r.timings, batch) for r in results}
-    print(f'\nDense tasks: batch {batch}, {size}x{size} px, {_setting(results, args.dense_rounds)}; backbone '
-          'widths 16-128, PCE in stages 1-2 (4x4 patch grids), 4 experts top-1; x = throughput / the dense twin '
-          '(higher is better); train = loss + backward (detector: torchvision losses)\n')
+    print(header)
     labels = list(rows)
     primary_rows = rows[labels[0]]
     if len(labels) == 1:
@@ -292,39 +289,35 @@ def run_dense(args: argparse.Namespace, variants: list) -> dict:
         interleaved = [(label, rows[label][i]) for i in range(len(primary_rows)) for label in labels]
         print(format_model_table([row for _, row in interleaved], processes=[label for label, _ in interleaved]))
     _print_new_over_old(results)
-    out = _section_json(results, {'input_size': [batch, 3, size, size], 'rows': primary_rows}, lambda t: {})
+    out = _section_json(results, dict(primary, rows=primary_rows), lambda t: {})
     for r in results:
         out['variants'][r.variant.label]['rows'] = rows[r.variant.label]
     return out
 
 
+def run_dense(args: argparse.Namespace, variants: list) -> dict:
+    size, batch = args.dense_size, args.dense_batch_size
+    spec = {'section': 'dense', 'size': size, 'batch_size': batch, 'threads': args.threads}
+    results = time_variants(spec, variants, rounds=args.dense_rounds, warmup=1, desc='dense')
+    header = (f'\nDense tasks: batch {batch}, {size}x{size} px, {_setting(results, args.dense_rounds)}; backbone '
+              'widths 16-128, PCE in stages 1-2 (4x4 patch grids), 4 experts top-1; x = throughput / the dense twin '
+              '(higher is better); train = loss + backward (detector: torchvision losses)\n')
+    return _model_rows_section(results, batch, header, {'input_size': [batch, 3, size, size]})
+
+
 def run_campaign(args: argparse.Namespace, variants: list) -> dict:
     from pce_timm.benchmark_campaign import DEFAULT_CELLS, DEFAULT_SWEEP
-    from pce_timm.benchmark_models import format_model_table, model_rows
 
     sweep, cells = str(args.campaign_config or DEFAULT_SWEEP), list(args.campaign_cells or DEFAULT_CELLS)
     spec = {'section': 'campaign', 'sweep': sweep, 'cells': cells, 'threads': args.threads}
     results = time_variants(spec, variants, rounds=args.campaign_rounds, warmup=2, desc='campaign')
     shape = results[0].meta['input_shape']
-    batch = shape[0]
-    rows = {r.variant.label: model_rows(r.timings, batch) for r in results}
     shown = Path(sweep).resolve()
     shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
-    print(f'\nCampaign cells ({shown}): input {shape}, {_setting(results, args.campaign_rounds)}; each model in '
-          f"its recipe's last phase; x = throughput / {cells[0]!r} (higher is better); train = forward + backward\n")
-    labels = list(rows)
-    primary_rows = rows[labels[0]]
-    if len(labels) == 1:
-        print(format_model_table(primary_rows))
-    else:
-        interleaved = [(label, rows[label][i]) for i in range(len(primary_rows)) for label in labels]
-        print(format_model_table([row for _, row in interleaved], processes=[label for label, _ in interleaved]))
-    _print_new_over_old(results)
-    out = _section_json(results, {'sweep': sweep, 'input_size': shape, 'rows': primary_rows},
-                        lambda t: {})
-    for r in results:
-        out['variants'][r.variant.label]['rows'] = rows[r.variant.label]
-    return out
+    header = (f'\nCampaign cells ({shown}): input {shape}, {_setting(results, args.campaign_rounds)}; each model '
+              f"in its recipe's last phase; x = throughput / {cells[0]!r} (higher is better); train = forward + "
+              'backward\n')
+    return _model_rows_section(results, shape[0], header, {'sweep': sweep, 'input_size': shape})
 
 
 def run_compile(args: argparse.Namespace, variants: list) -> dict:
